@@ -1,0 +1,228 @@
+"""Every message that crosses a process boundary, as pydantic models, and their wire encoding.
+
+Each message carries a ``type`` tag and the protocol version ``v``. Frames are msgpack maps;
+decoding validates them against the tagged union, so anything that does not fit is rejected
+with a one-line reason instead of reaching the node.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal, Union
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, StrictBytes, StrictInt, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+# The largest frame a node accepts. A full AppendEntries batch stays well below it
+# (see raft.MAX_APPEND_BYTES); ZeroMQ's MAXMSGSIZE enforces it at the socket.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+NAME_PATTERN = r"^[A-Za-z0-9_.:@-]{1,64}$"
+AccountName = Annotated[str, Field(pattern=NAME_PATTERN)]
+TxId = Annotated[str, Field(pattern=NAME_PATTERN)]
+NodeId = Annotated[int, Field(ge=0, le=1023, strict=True)]
+Index = Annotated[int, Field(ge=0, strict=True)]
+Term = Annotated[int, Field(ge=0, strict=True)]
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    v: Literal[1] = PROTOCOL_VERSION
+
+
+class EntryKind(str, Enum):
+    NOOP = "noop"  # appended by a new leader to commit its term (Raft 5.4.2)
+    TXS = "txs"  # a batch of transfers
+
+
+class Entry(BaseModel):
+    """One Raft log entry. ``data`` is opaque to Raft (a batch, see state.encode_batch)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    index: Annotated[int, Field(ge=1, strict=True)]
+    term: Annotated[int, Field(ge=1, strict=True)]
+    kind: EntryKind
+    data: StrictBytes = b""
+
+
+class Transfer(BaseModel):
+    """A client's transfer. Shape is checked here; the ledger rules are checked when applied."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    tx_id: TxId
+    sender: AccountName
+    recipient: AccountName
+    amount: StrictInt
+
+
+# ---- Raft messages (node to node, one-way; a reply is a new message) -------------------------
+
+
+class RaftMessage(_Msg):
+    src: NodeId
+    dst: NodeId
+    term: Term
+
+
+class RequestVoteMessage(RaftMessage):
+    type: Literal["request_vote"] = "request_vote"
+    last_log_index: Index
+    last_log_term: Term
+
+
+class RequestVoteResponse(RaftMessage):
+    type: Literal["request_vote_response"] = "request_vote_response"
+    granted: bool
+
+
+class AppendEntriesMessage(RaftMessage):
+    type: Literal["append_entries"] = "append_entries"
+    prev_log_index: Index
+    prev_log_term: Term
+    entries: tuple[Entry, ...] = ()
+    leader_commit: Index
+    # Echoed in the response; lets the leader confirm its leadership for reads (ReadIndex).
+    seq: Index = 0
+
+
+class AppendEntriesResponse(RaftMessage):
+    type: Literal["append_entries_response"] = "append_entries_response"
+    success: bool
+    # On success: the last index known to match the leader. On failure: prev_log_index rejected.
+    match_index: Index = 0
+    reject_index: Index = 0
+    # Hint for a fast back-off (Raft paper 5.3, "optimization"): the term of the conflicting entry
+    # (0 if the follower's log is too short) and the first index the follower holds with that term.
+    conflict_term: Term = 0
+    conflict_index: Index = 0
+    seq: Index = 0
+
+
+# ---- Client messages ---------------------------------------------------------------------------
+
+
+class ClientRequest(_Msg):
+    req_id: Annotated[str, Field(max_length=64)]
+
+
+class SubmitRequest(ClientRequest):
+    type: Literal["submit"] = "submit"
+    transfer: Transfer
+
+
+class BalanceRequest(ClientRequest):
+    type: Literal["balance"] = "balance"
+    account: AccountName
+
+
+class StatusRequest(ClientRequest):
+    type: Literal["status"] = "status"
+
+
+class ChainRequest(ClientRequest):
+    type: Literal["chain"] = "chain"
+    start: Index = 0
+    end: Index | None = None  # inclusive; None means the head
+
+
+class ClientReply(_Msg):
+    req_id: str
+
+
+class SubmitReply(ClientReply):
+    type: Literal["submit_reply"] = "submit_reply"
+    tx_id: str
+    status: Literal["committed", "rejected"]
+    reason: str | None = None
+    height: int
+    block_hash: str
+
+
+class BalanceReply(ClientReply):
+    type: Literal["balance_reply"] = "balance_reply"
+    account: str
+    balance: int
+    exists: bool
+    applied_index: int
+
+
+class StatusReply(ClientReply):
+    type: Literal["status_reply"] = "status_reply"
+    node_id: int
+    role: str
+    term: int
+    leader_id: int | None
+    commit_index: int
+    last_applied: int
+    last_log_index: int
+    chain_height: int
+    head_hash: str
+
+
+class ChainReply(ClientReply):
+    type: Literal["chain_reply"] = "chain_reply"
+    # Canonical block documents (see chain.Block.to_doc); at most chain.MAX_BLOCKS_PER_REPLY.
+    blocks: list[dict]
+    height: int  # the node's chain height when it answered
+
+
+class RedirectReply(ClientReply):
+    """This node is not the leader; ``leader_id`` is the leader it knows of, if any."""
+
+    type: Literal["redirect"] = "redirect"
+    leader_id: int | None
+
+
+class ErrorReply(ClientReply):
+    type: Literal["error"] = "error"
+    error: str
+
+
+Message = Annotated[
+    Union[
+        RequestVoteMessage,
+        RequestVoteResponse,
+        AppendEntriesMessage,
+        AppendEntriesResponse,
+        SubmitRequest,
+        BalanceRequest,
+        StatusRequest,
+        ChainRequest,
+        SubmitReply,
+        BalanceReply,
+        StatusReply,
+        ChainReply,
+        RedirectReply,
+        ErrorReply,
+    ],
+    Field(discriminator="type"),
+]
+_adapter: TypeAdapter[Message] = TypeAdapter(Message)
+
+
+class DecodeError(ValueError):
+    """A frame that is not a valid message; the text is a one-line reason."""
+
+
+def encode(msg: BaseModel) -> bytes:
+    return msgpack.packb(msg.model_dump(mode="python"), use_bin_type=True)
+
+
+def decode(frame: bytes) -> Message:
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise DecodeError(f"message of {len(frame)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    try:
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise DecodeError(f"not a msgpack frame: {type(exc).__name__}") from None
+    if not isinstance(raw, dict):
+        raise DecodeError(f"frame is a {type(raw).__name__}, not a map")
+    if raw.get("v") != PROTOCOL_VERSION:
+        raise DecodeError(f"unsupported protocol version {raw.get('v')!r}")
+    try:
+        return _adapter.validate_python(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise DecodeError(f"invalid message: {where}: {first['msg']}") from None
