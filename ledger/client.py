@@ -1,0 +1,412 @@
+"""Client library and command line: ``python -m ledger.client`` (installed as ``ledger``).
+
+The client finds the leader itself, follows redirects, retries on timeout with the same
+transfer id (so a retry never pays twice) and gives up after a deadline.
+Exit codes: 0 ok, 1 rejected or verification failed, 2 usage or config error,
+3 cluster unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import zmq
+from pydantic import BaseModel
+
+from ledger.chain import Block, ChainError, verify_block
+from ledger.config import ClusterConfig, ConfigError, load_config
+from ledger.messages import (
+    NAME_PATTERN,
+    BalanceReply,
+    BalanceRequest,
+    ChainReply,
+    ChainRequest,
+    ClientRequest,
+    DecodeError,
+    ErrorReply,
+    RedirectReply,
+    StatusReply,
+    StatusRequest,
+    SubmitReply,
+    SubmitRequest,
+    Transfer,
+    decode,
+    encode,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+class ClusterUnavailable(Exception):
+    """No node answered usefully before the deadline."""
+
+
+@dataclass
+class NodeChain:
+    node_id: int
+    blocks: list[Block] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class VerifyReport:
+    chains: list[NodeChain]
+    unreachable: list[int]
+    agreed_height: int
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and bool(self.chains)
+
+
+class LedgerClient:
+    def __init__(self, cfg: ClusterConfig, *, request_timeout: float = 1.0, deadline: float = 15.0) -> None:
+        self.cfg = cfg
+        self.request_timeout = request_timeout
+        self.deadline = deadline
+        self.ctx = zmq.Context()
+        self.sockets: dict[int, zmq.Socket] = {}
+        self.leader_hint: int | None = None
+        self._order = sorted(cfg.nodes)
+        self._next = 0
+
+    def close(self) -> None:
+        for s in self.sockets.values():
+            s.close(0)
+        self.ctx.term()
+
+    def __enter__(self) -> LedgerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- one request to one node ------------------------------------------------------------------
+
+    def _socket(self, node_id: int) -> zmq.Socket:
+        s = self.sockets.get(node_id)
+        if s is None:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(self.cfg.nodes[node_id])
+            self.sockets[node_id] = s
+        return s
+
+    def request(self, node_id: int, msg: ClientRequest, timeout: float | None = None) -> BaseModel | None:
+        """Send ``msg`` to one node; its reply, or None on timeout."""
+        s = self._socket(node_id)
+        s.send(encode(msg))
+        end = time.monotonic() + (self.request_timeout if timeout is None else timeout)
+        while (left := end - time.monotonic()) > 0:
+            if not s.poll(int(left * 1000) + 1):
+                break
+            try:
+                reply = decode(s.recv())
+            except DecodeError:
+                continue
+            if getattr(reply, "req_id", None) in (msg.req_id, ""):
+                return reply
+            # a late answer to an earlier, timed-out request: skip it
+        # The node may be down: drop the socket so queued requests are not delivered stale later.
+        s.close(0)
+        del self.sockets[node_id]
+        return None
+
+    # ---- leader-routed calls ------------------------------------------------------------------
+
+    def _pick(self) -> int:
+        if self.leader_hint is not None:
+            return self.leader_hint
+        node = self._order[self._next % len(self._order)]
+        self._next += 1
+        return node
+
+    def _leader_call(self, make: Any) -> BaseModel:
+        end = time.monotonic() + self.deadline
+        backoff = 0.02
+        last = "no node answered"
+        while time.monotonic() < end:
+            node = self._pick()
+            reply = self.request(node, make(), timeout=min(self.request_timeout, max(0.05, end - time.monotonic())))
+            if reply is None:
+                last = f"node {node} did not answer"
+                self.leader_hint = None
+                continue
+            if isinstance(reply, RedirectReply):
+                if reply.leader_id is not None and reply.leader_id != node and reply.leader_id in self.cfg.nodes:
+                    self.leader_hint = reply.leader_id
+                    continue
+                last = "no leader elected yet"
+                self.leader_hint = None
+            elif isinstance(reply, ErrorReply) and "retry" in reply.error:
+                last = reply.error
+            else:
+                self.leader_hint = node
+                return reply
+            time.sleep(backoff)  # election in progress: back off briefly before asking again
+            backoff = min(backoff * 2, 0.3)
+        raise ClusterUnavailable(f"cluster unavailable after {self.deadline:g}s: {last}")
+
+    def submit(self, sender: str, recipient: str, amount: int, tx_id: str | None = None) -> SubmitReply:
+        t = Transfer(tx_id=tx_id or uuid.uuid4().hex, sender=sender, recipient=recipient, amount=amount)
+        reply = self._leader_call(lambda: SubmitRequest(req_id=uuid.uuid4().hex, transfer=t))
+        if isinstance(reply, ErrorReply):
+            raise ValueError(reply.error)
+        assert isinstance(reply, SubmitReply)
+        return reply
+
+    def balance(self, account: str) -> BalanceReply:
+        reply = self._leader_call(lambda: BalanceRequest(req_id=uuid.uuid4().hex, account=account))
+        if isinstance(reply, ErrorReply):
+            raise ValueError(reply.error)
+        assert isinstance(reply, BalanceReply)
+        return reply
+
+    # ---- per-node calls ------------------------------------------------------------------------
+
+    def status(self) -> dict[int, StatusReply | None]:
+        out: dict[int, StatusReply | None] = {}
+        for node in self._order:
+            reply = self.request(node, StatusRequest(req_id=uuid.uuid4().hex))
+            out[node] = reply if isinstance(reply, StatusReply) else None
+        return out
+
+    def chain(self, node_id: int, start: int = 0, end: int | None = None) -> Iterator[Block]:
+        """Blocks start..end (inclusive; end None = head) of one node, fetched page by page."""
+        h = start
+        while end is None or h <= end:
+            reply = self.request(node_id, ChainRequest(req_id=uuid.uuid4().hex, start=h, end=end),
+                                 timeout=max(self.request_timeout, 5.0))
+            if not isinstance(reply, ChainReply):
+                raise ClusterUnavailable(f"node {node_id} did not answer a chain request")
+            if not reply.blocks:
+                return
+            for doc in reply.blocks:
+                yield Block.model_validate(doc)
+            h = reply.blocks[-1]["height"] + 1
+
+    def verify(self) -> VerifyReport:
+        """Re-check every reachable node's chain and that all agree on their common prefix."""
+        chains: list[NodeChain] = []
+        unreachable: list[int] = []
+        problems: list[str] = []
+        for node, st in self.status().items():
+            if st is None:
+                unreachable.append(node)
+                continue
+            nc = NodeChain(node)
+            prev: Block | None = None
+            try:
+                for block in self.chain(node):
+                    verify_block(block, prev)
+                    nc.blocks.append(block)
+                    prev = block
+            except ChainError as exc:
+                nc.error = str(exc)
+                problems.append(f"node {node}: {exc}")
+            except ClusterUnavailable as exc:
+                unreachable.append(node)
+                continue
+            chains.append(nc)
+        agreed = min((len(c.blocks) for c in chains), default=0) - 1
+        for h in range(agreed + 1):
+            hashes = {c.node_id: c.blocks[h].hash for c in chains}
+            if len(set(hashes.values())) > 1:
+                problems.append(f"nodes disagree at height {h}: " +
+                                ", ".join(f"node {n} {v[:12]}" for n, v in sorted(hashes.items())))
+                agreed = h - 1
+                break
+        if not chains:
+            problems.append("no node answered")
+        return VerifyReport(chains, unreachable, agreed, problems)
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _name(kind: str) -> Any:
+    pattern = re.compile(NAME_PATTERN)
+
+    def check(value: str) -> str:
+        if not pattern.match(value):
+            raise argparse.ArgumentTypeError(
+                f"invalid {kind} {value!r}: use 1-64 letters, digits or _ . : @ -")
+        return value
+
+    return check
+
+
+def _amount(value: str) -> int:
+    try:
+        return int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"amount must be a whole number, not {value!r}") from None
+
+
+def _height(value: str) -> int:
+    try:
+        h = int(value, 10)
+    except ValueError:
+        h = -1
+    if h < 0:
+        raise argparse.ArgumentTypeError(f"height must be a non-negative whole number, not {value!r}")
+    return h
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="TOML cluster config (default: server_config.py)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON (one document; chain: one block per line)")
+    common.add_argument("--timeout", type=float, metavar="S", default=argparse.SUPPRESS,
+                        help="give up after S seconds (default 15)")
+    p = _Parser(prog="ledger", description="Client of a raftledger cluster.", parents=[common])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    s = sub.add_parser("submit", parents=[common], help="transfer AMOUNT from SENDER to RECIPIENT")
+    s.add_argument("sender", type=_name("sender"))
+    s.add_argument("recipient", type=_name("recipient"))
+    s.add_argument("amount", type=_amount)
+    s.add_argument("--tx-id", type=_name("transaction id"), help="client-chosen id (default: random)")
+    b = sub.add_parser("balance", parents=[common], help="an account's balance (linearizable)")
+    b.add_argument("account", type=_name("account"))
+    sub.add_parser("status", parents=[common], help="every node's role, term and chain head")
+    c = sub.add_parser("chain", parents=[common], help="print blocks")
+    c.add_argument("--node", type=int, help="node to read from (default: the leader, else any)")
+    c.add_argument("--from", dest="start", type=_height, default=0, metavar="H")
+    c.add_argument("--to", dest="end", type=_height, default=None, metavar="H")
+    sub.add_parser("verify", parents=[common], help="verify every reachable node's chain")
+    return p
+
+
+def _print(doc: Any) -> None:
+    print(json.dumps(doc, sort_keys=True))
+
+
+def run(args: argparse.Namespace, client: LedgerClient) -> int:
+    as_json = getattr(args, "json", False)
+    if args.command == "submit":
+        r = client.submit(args.sender, args.recipient, args.amount, args.tx_id)
+        if as_json:
+            _print(r.model_dump(exclude={"v", "type", "req_id"}))
+        elif r.status == "committed":
+            print(f"committed: {r.tx_id}: {args.sender} -> {args.recipient} {args.amount} "
+                  f"in block {r.height} ({r.block_hash[:16]})")
+        else:
+            print(f"rejected: {r.tx_id}: {r.reason} (recorded in block {r.height})")
+        return EXIT_OK if r.status == "committed" else EXIT_FAILED
+    if args.command == "balance":
+        r = client.balance(args.account)
+        if as_json:
+            _print(r.model_dump(exclude={"v", "type", "req_id"}))
+        else:
+            print(f"{r.account}: {r.balance}" + ("" if r.exists else " (no such account)"))
+        return EXIT_OK
+    if args.command == "status":
+        st = client.status()
+        leaders = [n for n, s in st.items() if s is not None and s.role == "leader"]
+        leader = max(leaders, key=lambda n: st[n].term) if leaders else None  # type: ignore[union-attr]
+        if not any(st.values()):
+            if as_json:
+                _print({"leader": None, "nodes": [{"id": n, "answered": False} for n in st]})
+            print("cluster unavailable: no node answered", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        if as_json:
+            nodes = []
+            for n, s in st.items():
+                d: dict[str, Any] = {"id": n, "answered": s is not None}
+                if s is not None:
+                    d.update(s.model_dump(include={"role", "term", "leader_id", "commit_index", "last_applied",
+                                                   "last_log_index", "chain_height", "head_hash"}))
+                nodes.append(d)
+            _print({"leader": leader, "nodes": nodes})
+        else:
+            print(f"leader: {leader if leader is not None else 'none'}")
+            print(f"{'node':>4}  {'role':<9} {'term':>5} {'commit':>7} {'height':>7}  head")
+            for n, s in st.items():
+                if s is None:
+                    print(f"{n:>4}  {'down':<9}")
+                else:
+                    print(f"{n:>4}  {s.role:<9} {s.term:>5} {s.commit_index:>7} {s.chain_height:>7}  {s.head_hash[:16]}")
+        return EXIT_OK
+    if args.command == "chain":
+        node = args.node
+        if node is None:
+            st = client.status()
+            up = [n for n, s in st.items() if s is not None]
+            if not up:
+                raise ClusterUnavailable("no node answered")
+            node = next((n for n in up if st[n].role == "leader"), up[0])  # type: ignore[union-attr]
+        elif node not in client.cfg.nodes:
+            print(f"ledger: error: node {node} is not in the config", file=sys.stderr)
+            return EXIT_USAGE
+        for block in client.chain(node, args.start, args.end):
+            if as_json:
+                _print(block.to_doc())
+            else:
+                print(f"#{block.height} index={block.index} term={block.term} txs={len(block.txs)} "
+                      f"hash={block.hash[:16]} prev={block.prev_hash[:16]}")
+        return EXIT_OK
+    if args.command == "verify":
+        rep = client.verify()
+        if as_json:
+            _print({
+                "ok": rep.ok,
+                "agreed_height": rep.agreed_height,
+                "nodes": [{"id": c.node_id, "height": len(c.blocks) - 1, "head_hash": c.blocks[-1].hash if c.blocks else None,
+                           "error": c.error} for c in rep.chains],
+                "unreachable": rep.unreachable,
+                "problems": rep.problems,
+            })
+        elif rep.ok:
+            heights = ", ".join(f"node {c.node_id} height {len(c.blocks) - 1}" for c in rep.chains)
+            print(f"OK: {len(rep.chains)} node(s) verified ({heights}); they agree up to height {rep.agreed_height}")
+            if rep.unreachable:
+                print(f"not reachable: {', '.join(map(str, rep.unreachable))}")
+        else:
+            for problem in rep.problems:
+                print(f"FAILED: {problem}")
+        if not rep.chains:
+            return EXIT_UNAVAILABLE
+        return EXIT_OK if rep.ok else EXIT_FAILED
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    timeout = getattr(args, "timeout", 15.0)
+    if not timeout > 0:
+        print("ledger: error: --timeout must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cfg = load_config(getattr(args, "config", None))
+    except ConfigError as exc:
+        print(f"ledger: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with LedgerClient(cfg, deadline=timeout) as client:
+        try:
+            return run(args, client)
+        except ClusterUnavailable as exc:
+            print(f"ledger: {exc}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        except ValueError as exc:
+            print(f"ledger: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

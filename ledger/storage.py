@@ -1,0 +1,201 @@
+"""Durable state of one node in SQLite: Raft term/vote and log, the chain, balances, results.
+
+One database file per node, WAL mode with ``synchronous=FULL`` so every COMMIT is fsynced.
+The driver wraps each Ready in one transaction (``with storage.transaction():``), so the log,
+the hard state and everything applied reach disk together, with one fsync (group commit),
+before any message that depends on them is sent. SQLite's journal makes a torn write at a crash
+roll back to the last commit.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ledger.chain import Block, ChainError, genesis_block, verify_block
+from ledger.messages import Entry, EntryKind
+from ledger.raft import HardState
+from ledger.state import TxResult
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, term INTEGER NOT NULL,
+                                kind TEXT NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks (height INTEGER PRIMARY KEY, hash TEXT NOT NULL, doc BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS txs (tx_id TEXT PRIMARY KEY, status TEXT NOT NULL, reason TEXT,
+                                height INTEGER NOT NULL, block_hash TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS accounts (name TEXT PRIMARY KEY, balance INTEGER NOT NULL) WITHOUT ROWID;
+"""
+
+
+class StorageError(Exception):
+    """The data directory cannot be used; the text is a one-line reason."""
+
+
+@dataclass
+class Recovered:
+    hard_state: HardState
+    entries: list[Entry]
+    applied: int
+    balances: dict[str, int]
+    head: Block
+
+
+def _block_from_row(doc: bytes) -> Block:
+    return Block.model_validate(json.loads(doc))
+
+
+class Storage:
+    def __init__(self, path: Path | str, genesis: Mapping[str, int]) -> None:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"cannot open {path}: {exc}") from None
+        self._in_tx = False
+        gen = genesis_block(genesis)
+        stored = self._meta("genesis_hash")
+        if stored is None:
+            with self.transaction():
+                self._set_meta("schema", SCHEMA_VERSION)
+                self._set_meta("genesis_hash", gen.hash)
+                self._set_meta("term", 0)
+                self._set_meta("voted_for", None)
+                self._set_meta("applied", 0)
+                self._put_block(gen)
+                self.db.executemany("INSERT INTO accounts VALUES (?, ?)", sorted(genesis.items()))
+        elif stored != gen.hash:
+            raise StorageError(f"{path} holds a chain with another genesis block than this config's")
+
+    # ---- transactions ------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic, fsynced unit of writes. Nested use joins the outer transaction."""
+        if self._in_tx:
+            yield
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        self._in_tx = True
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+        finally:
+            self._in_tx = False
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- Raft ----------------------------------------------------------------------------------
+
+    def save_hard_state(self, hs: HardState) -> None:
+        self._set_meta("term", hs.term)
+        self._set_meta("voted_for", hs.voted_for)
+
+    def save_entries(self, truncate_from: int, entries: Sequence[Entry]) -> None:
+        self.db.execute("DELETE FROM log WHERE idx >= ?", (truncate_from,))
+        self.db.executemany(
+            "INSERT INTO log VALUES (?, ?, ?, ?)",
+            [(e.index, e.term, e.kind.value, e.data) for e in entries],
+        )
+
+    # ---- ledger (state.StateStore) -----------------------------------------------------------
+
+    def tx_result(self, tx_id: str) -> TxResult | None:
+        row = self.db.execute(
+            "SELECT status, reason, height, block_hash FROM txs WHERE tx_id = ?", (tx_id,)
+        ).fetchone()
+        return TxResult(*row) if row else None
+
+    def put_applied(self, index: int, block: Block | None, results: dict[str, TxResult],
+                    balances: dict[str, int]) -> None:
+        if block is not None:
+            self._put_block(block)
+        if results:
+            self.db.executemany(
+                "INSERT INTO txs VALUES (?, ?, ?, ?, ?)",
+                [(k, r.status, r.reason, r.height, r.block_hash) for k, r in results.items()],
+            )
+        if balances:
+            self.db.executemany(
+                "INSERT INTO accounts VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET balance=excluded.balance",
+                list(balances.items()),
+            )
+        # Applied index moves with the balances, atomically (raft-cases C05).
+        self._set_meta("applied", index)
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    def load(self) -> Recovered:
+        term = self._meta("term") or 0
+        voted = self._meta("voted_for")
+        entries = [
+            Entry(index=i, term=t, kind=EntryKind(k), data=d)
+            for i, t, k, d in self.db.execute("SELECT idx, term, kind, data FROM log ORDER BY idx")
+        ]
+        for pos, e in enumerate(entries, start=1):
+            if e.index != pos:
+                raise StorageError(f"log has a gap: entry {e.index} where {pos} was expected")
+        balances = dict(self.db.execute("SELECT name, balance FROM accounts").fetchall())
+        return Recovered(HardState(term, voted), entries, self._meta("applied") or 0, balances,
+                         self.head())
+
+    def head(self) -> Block:
+        row = self.db.execute("SELECT doc FROM blocks ORDER BY height DESC LIMIT 1").fetchone()
+        return _block_from_row(row[0])
+
+    def blocks(self, start: int, end: int) -> list[Block]:
+        rows = self.db.execute(
+            "SELECT doc FROM blocks WHERE height BETWEEN ? AND ? ORDER BY height", (start, end)
+        )
+        return [_block_from_row(r[0]) for r in rows]
+
+    def verify_chain(self) -> int:
+        """Check every stored block's hash, Merkle root and link; return the chain height.
+
+        Raises ChainError naming the first bad height.
+        """
+        prev: Block | None = None
+        expected = 0
+        for height, stored_hash, doc in self.db.execute("SELECT height, hash, doc FROM blocks ORDER BY height"):
+            if height != expected:
+                raise ChainError(expected, "block missing")
+            try:
+                block = _block_from_row(doc)
+            except ValueError as exc:
+                raise ChainError(height, f"unreadable block: {str(exc).splitlines()[0]}") from None
+            verify_block(block, prev)
+            if block.hash != stored_hash or block.height != height:
+                raise ChainError(height, "stored hash or height does not match the block")
+            prev = block
+            expected += 1
+        return expected - 1
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _put_block(self, block: Block) -> None:
+        self.db.execute(
+            "INSERT INTO blocks VALUES (?, ?, ?)",
+            (block.height, block.hash, json.dumps(block.to_doc(), separators=(",", ":"))),
+        )
+
+    def _meta(self, key: str) -> object:
+        row = self.db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, key: str, value: object) -> None:
+        self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v=excluded.v", (key, value))
