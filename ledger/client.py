@@ -69,7 +69,7 @@ class VerifyReport:
 
 
 class LedgerClient:
-    def __init__(self, cfg: ClusterConfig, *, request_timeout: float = 1.0, deadline: float = 15.0) -> None:
+    def __init__(self, cfg: ClusterConfig, *, request_timeout: float = 0.5, deadline: float = 15.0) -> None:
         self.cfg = cfg
         self.request_timeout = request_timeout
         self.deadline = deadline
@@ -78,6 +78,7 @@ class LedgerClient:
         self.leader_hint: int | None = None
         self._order = sorted(cfg.nodes)
         self._next = 0
+        self._suspect: dict[int, float] = {}  # node -> until when it is presumed down
 
     def close(self) -> None:
         for s in self.sockets.values():
@@ -123,10 +124,14 @@ class LedgerClient:
 
     # ---- leader-routed calls ------------------------------------------------------------------
 
+    def _is_suspect(self, node: int) -> bool:
+        return self._suspect.get(node, 0.0) > time.monotonic()
+
     def _pick(self) -> int:
-        if self.leader_hint is not None:
+        if self.leader_hint is not None and not self._is_suspect(self.leader_hint):
             return self.leader_hint
-        node = self._order[self._next % len(self._order)]
+        candidates = [n for n in self._order if not self._is_suspect(n)] or self._order
+        node = candidates[self._next % len(candidates)]
         self._next += 1
         return node
 
@@ -140,9 +145,13 @@ class LedgerClient:
             if reply is None:
                 last = f"node {node} did not answer"
                 self.leader_hint = None
+                # Presume it down for a while: followers may still name it leader until they notice.
+                self._suspect[node] = time.monotonic() + 1.0
                 continue
+            self._suspect.pop(node, None)
             if isinstance(reply, RedirectReply):
-                if reply.leader_id is not None and reply.leader_id != node and reply.leader_id in self.cfg.nodes:
+                if (reply.leader_id is not None and reply.leader_id != node
+                        and reply.leader_id in self.cfg.nodes and not self._is_suspect(reply.leader_id)):
                     self.leader_hint = reply.leader_id
                     continue
                 last = "no leader elected yet"
