@@ -1,0 +1,238 @@
+"""A ledger node without I/O: the Raft core plus storage, ledger state and client bookkeeping.
+
+``LedgerNode`` is what both the real server (``server.py``: ZeroMQ, wall clock) and the
+deterministic simulator drive. Inputs: Raft messages, client requests, ticks, and the current
+time passed in. ``flush()`` proposes the pending transfers, handles the core's Ready (persist in
+one transaction, then apply) and returns what to send: Raft messages to peers and replies to
+clients. The caller sends them after ``flush()`` returns, i.e. after the fsync.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ledger.chain import MAX_BLOCKS_PER_REPLY, Block
+from ledger.messages import (
+    BalanceReply,
+    BalanceRequest,
+    ChainReply,
+    ChainRequest,
+    ClientReply,
+    ClientRequest,
+    EntryKind,
+    ErrorReply,
+    RaftMessage,
+    RedirectReply,
+    StatusReply,
+    StatusRequest,
+    SubmitReply,
+    SubmitRequest,
+    Transfer,
+)
+from ledger.raft import RaftConfig, RaftNode, Ready
+from ledger.state import LedgerState, TxResult, encode_batch
+from ledger.storage import Storage
+
+MAX_BATCH = 2000  # transfers per log entry (one block)
+MAX_PENDING = 50_000  # transfers waiting to be proposed; beyond this, clients are told to retry
+CLIENT_WAIT_S = 10.0  # how long an answer is owed to a client before the request is dropped
+CHAIN_REPLY_BYTES = 4 * 1024 * 1024
+
+ClientId = Hashable
+
+
+@dataclass
+class Waiter:
+    client: ClientId
+    req_id: str
+    deadline: float
+
+
+@dataclass
+class Outbox:
+    peers: list[RaftMessage] = field(default_factory=list)
+    clients: list[tuple[ClientId, ClientReply]] = field(default_factory=list)
+
+
+class LedgerNode:
+    def __init__(self, node_id: int, members: list[int], storage: Storage, raft_config: RaftConfig,
+                 rng: random.Random, log: Any) -> None:
+        self.id = node_id
+        self.storage = storage
+        self.log = log
+        rec = storage.load()
+        self.raft = RaftNode(node_id, members, hard_state=rec.hard_state, entries=rec.entries,
+                             applied=rec.applied, config=raft_config, rng=rng)
+        self.state = LedgerState(storage, rec.balances, rec.head, rec.applied)
+        self.out = Outbox()
+        self.pending: list[Transfer] = []
+        self.proposed: set[str] = set()  # tx ids this leader proposed that are not yet applied
+        self.waiters: dict[str, list[Waiter]] = {}
+        self.reads: dict[int, tuple[Waiter, str]] = {}
+        self.reads_waiting_apply: list[tuple[int, int]] = []  # (ctx, index)
+        self.read_ids = itertools.count(1)
+        self.was_leader = False
+
+    # ---- inputs ----------------------------------------------------------------------------------
+
+    def on_raft(self, msg: RaftMessage) -> None:
+        self.raft.step(msg)
+
+    def tick(self, now: float) -> None:
+        self.raft.tick()
+        self._expire(now)
+
+    def on_client(self, client: ClientId, req: ClientRequest, now: float) -> None:
+        if isinstance(req, SubmitRequest):
+            self._on_submit(client, req, now)
+        elif isinstance(req, BalanceRequest):
+            self._on_balance(client, req, now)
+        elif isinstance(req, StatusRequest):
+            self._reply(client, self.status(req.req_id))
+        elif isinstance(req, ChainRequest):
+            self._on_chain(client, req)
+        else:
+            self._reply(client, ErrorReply(req_id=req.req_id, error=f"unexpected request {req!r}"))
+
+    def flush(self, wall_ms: int) -> Outbox:
+        """Propose pending transfers (stamped ``wall_ms``), handle the Ready, return what to send."""
+        if self.pending and self.raft.is_leader:
+            while self.pending:
+                batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+                self.raft.propose(EntryKind.TXS, encode_batch(wall_ms, batch))
+        rd = self.raft.ready()
+        if rd:
+            self._handle_ready(rd)
+        out, self.out = self.out, Outbox()
+        return out
+
+    # ---- client requests -----------------------------------------------------------------------
+
+    def _on_submit(self, client: ClientId, req: SubmitRequest, now: float) -> None:
+        t = req.transfer
+        done = self.storage.tx_result(t.tx_id)
+        if done is not None:
+            self._reply(client, _submit_reply(req.req_id, t.tx_id, done))
+            return
+        if not self.raft.is_leader:
+            self._reply(client, RedirectReply(req_id=req.req_id, leader_id=self.raft.leader_id))
+            return
+        if t.tx_id not in self.proposed:
+            if len(self.pending) >= MAX_PENDING:
+                self._reply(client, ErrorReply(req_id=req.req_id, error="leader overloaded, retry"))
+                return
+            self.pending.append(t)
+            self.proposed.add(t.tx_id)
+        self.waiters.setdefault(t.tx_id, []).append(Waiter(client, req.req_id, now + CLIENT_WAIT_S))
+
+    def _on_balance(self, client: ClientId, req: BalanceRequest, now: float) -> None:
+        if not self.raft.is_leader:
+            self._reply(client, RedirectReply(req_id=req.req_id, leader_id=self.raft.leader_id))
+            return
+        ctx = next(self.read_ids)
+        self.reads[ctx] = (Waiter(client, req.req_id, now + CLIENT_WAIT_S), req.account)
+        self.raft.read_index(ctx)
+
+    def _on_chain(self, client: ClientId, req: ChainRequest) -> None:
+        head = self.state.head.height
+        end = head if req.end is None else min(req.end, head)
+        end = min(end, req.start + MAX_BLOCKS_PER_REPLY - 1)
+        docs: list[dict] = []
+        size = 0
+        for block in self.storage.blocks(req.start, end):
+            size += sum(len(tx) * 24 for tx in block.txs) + 512  # rough bound of the encoded size
+            if docs and size > CHAIN_REPLY_BYTES:
+                break
+            docs.append(block.to_doc())
+        self._reply(client, ChainReply(req_id=req.req_id, blocks=docs, height=head))
+
+    def status(self, req_id: str = "") -> StatusReply:
+        n = self.raft
+        return StatusReply(
+            req_id=req_id, node_id=self.id, role=n.role.name, term=n.term, leader_id=n.leader_id,
+            commit_index=n.commit_index, last_applied=self.state.applied,
+            last_log_index=n.log.last_index, chain_height=self.state.head.height,
+            head_hash=self.state.head.hash,
+        )
+
+    # ---- Ready -----------------------------------------------------------------------------------
+
+    def _handle_ready(self, rd: Ready) -> None:
+        applied: list[tuple[Block | None, dict[str, TxResult]]] = []
+        if rd.hard_state is not None or rd.truncate_from is not None or rd.committed:
+            with self.storage.transaction():  # one fsync for all of it, before anything is sent
+                if rd.hard_state is not None:
+                    self.storage.save_hard_state(rd.hard_state)
+                if rd.truncate_from is not None:
+                    self.storage.save_entries(rd.truncate_from, rd.entries)
+                for entry in rd.committed:
+                    applied.append(self.state.apply(entry))
+        self.out.peers.extend(rd.messages)
+        for name, fields in rd.events:
+            (self.log.debug if name == "committed" else self.log.info)(name, **fields)
+        for block, results in applied:
+            self._on_applied(block, results)
+        self._on_reads(rd)
+        self._on_role()
+
+    def _on_applied(self, block: Block | None, results: dict[str, TxResult]) -> None:
+        if block is not None:
+            self.log.info("block_appended", height=block.height, hash=block.hash,
+                          tx_count=len(block.txs), index=block.index)
+            for tx in block.txs:
+                if tx["status"] == "rejected":
+                    self.log.info("transaction_rejected", tx_id=tx["tx_id"], reason=tx["reason"])
+        for tx_id, res in results.items():
+            self.proposed.discard(tx_id)
+            for w in self.waiters.pop(tx_id, ()):
+                self._reply(w.client, _submit_reply(w.req_id, tx_id, res))
+
+    def _on_reads(self, rd: Ready) -> None:
+        for ctx in rd.dropped_reads:
+            entry = self.reads.pop(ctx, None)
+            if entry is not None:
+                self._reply(entry[0].client, RedirectReply(req_id=entry[0].req_id, leader_id=self.raft.leader_id))
+        self.reads_waiting_apply.extend(rd.read_states)
+        still: list[tuple[int, int]] = []
+        for ctx, index in self.reads_waiting_apply:
+            if index > self.state.applied:
+                still.append((ctx, index))
+                continue
+            entry = self.reads.pop(ctx, None)
+            if entry is not None:
+                w, account = entry
+                self._reply(w.client, BalanceReply(
+                    req_id=w.req_id, account=account, balance=self.state.balances.get(account, 0),
+                    exists=account in self.state.balances, applied_index=self.state.applied))
+        self.reads_waiting_apply = still
+
+    def _on_role(self) -> None:
+        leader = self.raft.is_leader
+        if self.was_leader and not leader:
+            # Every open request goes back to its client, to be retried at the new leader.
+            # Proposed transfers may still commit; the retry is de-duplicated by transfer id.
+            for waiters in self.waiters.values():
+                for w in waiters:
+                    self._reply(w.client, RedirectReply(req_id=w.req_id, leader_id=self.raft.leader_id))
+            self.waiters.clear()
+            self.pending.clear()
+            self.proposed.clear()
+        self.was_leader = leader
+
+    def _expire(self, now: float) -> None:
+        for tx_id in [k for k, ws in self.waiters.items() if all(w.deadline < now for w in ws)]:
+            del self.waiters[tx_id]
+        for ctx in [c for c, (w, _) in self.reads.items() if w.deadline < now]:
+            del self.reads[ctx]
+
+    def _reply(self, client: ClientId, msg: ClientReply) -> None:
+        self.out.clients.append((client, msg))
+
+
+def _submit_reply(req_id: str, tx_id: str, r: TxResult) -> SubmitReply:
+    return SubmitReply(req_id=req_id, tx_id=tx_id, status=r.status, reason=r.reason,
+                       height=r.height, block_hash=r.block_hash)
