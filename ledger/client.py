@@ -251,7 +251,7 @@ def _name(kind: str) -> Any:
     pattern = re.compile(NAME_PATTERN)
 
     def check(value: str) -> str:
-        if not pattern.match(value):
+        if not pattern.fullmatch(value):  # not match: its $ also accepts a trailing newline
             raise argparse.ArgumentTypeError(
                 f"invalid {kind} {value!r}: use 1-64 letters, digits or _ . : @ -")
         return value

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ledger.messages import NAME_PATTERN
+from ledger.messages import NAME_PATTERN, one_line
 from ledger.state import MAX_AMOUNT
 
 _ENDPOINT = re.compile(r"^tcp://(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})$")
@@ -38,7 +38,7 @@ class ClusterConfig(BaseModel):
             raise ValueError("at least one node is required")
         seen: set[str] = set()
         for node_id, endpoint in nodes.items():
-            m = _ENDPOINT.match(endpoint)
+            m = _ENDPOINT.fullmatch(endpoint)  # not match: its $ also accepts a trailing newline
             if not m or not 1 <= int(m["port"]) <= 65535:
                 raise ValueError(f"node {node_id}: endpoint {endpoint!r} is not tcp://HOST:PORT")
             if endpoint in seen:
@@ -81,7 +81,7 @@ def parse_config(raw: dict, source: str) -> ClusterConfig:
     try:
         return ClusterConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_first_error(exc)}") from None
+        raise ConfigError(one_line(f"{source}: {_first_error(exc)}")) from None  # keys may hold line breaks
 
 
 def load_config(path: str | Path | None = None) -> ClusterConfig:
@@ -98,15 +98,20 @@ def load_config(path: str | Path | None = None) -> ClusterConfig:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # not an OSError: without this it escaped as a traceback
+        raise ConfigError(f"cannot read config {p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     if isinstance(raw.get("nodes"), dict):
         try:
-            raw["nodes"] = {int(k): v for k, v in raw["nodes"].items()}
+            nodes = {int(k): v for k, v in raw["nodes"].items()}
         except ValueError:
             raise ConfigError(f"{p}: nodes: node ids must be integers") from None
+        if len(nodes) != len(raw["nodes"]):  # e.g. "1" and "01": one node would silently vanish
+            raise ConfigError(f"{p}: nodes: a node id is given twice")
+        raw["nodes"] = nodes
     for key in ("data_dir", "log_dir"):
         if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
             raw[key] = str(p.resolve().parent / raw[key])

@@ -205,6 +205,15 @@ class DecodeError(ValueError):
     """A frame that is not a valid message; the text is a one-line reason."""
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters escaped.
+
+    Validation messages echo input (a type tag, a key); without this a frame could put line
+    breaks into a "one-line" reason, and so into the logs.
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def encode(msg: BaseModel) -> bytes:
     return msgpack.packb(msg.model_dump(mode="python"), use_bin_type=True)
 
@@ -218,11 +227,12 @@ def decode(frame: bytes) -> Message:
         raise DecodeError(f"not a msgpack frame: {type(exc).__name__}") from None
     if not isinstance(raw, dict):
         raise DecodeError(f"frame is a {type(raw).__name__}, not a map")
-    if raw.get("v") != PROTOCOL_VERSION:
-        raise DecodeError(f"unsupported protocol version {raw.get('v')!r}")
+    v = raw.get("v")
+    if type(v) is not int or v != PROTOCOL_VERSION:  # True == 1 == 1.0: check the type as well
+        raise DecodeError(f"unsupported protocol version {v!r}")
     try:
         return _adapter.validate_python(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "message"
-        raise DecodeError(f"invalid message: {where}: {first['msg']}") from None
+        raise DecodeError(one_line(f"invalid message: {where}: {first['msg']}")) from None

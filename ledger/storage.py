@@ -178,8 +178,12 @@ class Storage:
                 block = _block_from_row(doc)
             except ValueError as exc:
                 raise ChainError(height, f"unreadable block: {str(exc).splitlines()[0]}") from None
+            # Check the row's height first: a doc claiming another height must be reported at
+            # the row's height, not at the one the tampered doc names.
+            if block.height != height:
+                raise ChainError(height, "stored hash or height does not match the block")
             verify_block(block, prev)
-            if block.hash != stored_hash or block.height != height:
+            if block.hash != stored_hash:
                 raise ChainError(height, "stored hash or height does not match the block")
             prev = block
             expected += 1
