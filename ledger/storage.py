@@ -154,6 +154,15 @@ class Storage:
         return Recovered(HardState(term, voted), entries, self._meta("applied") or 0, balances,
                          self.head())
 
+    def last_log_id(self) -> tuple[int, int]:
+        """(term, index) of the last stored log entry; (0, 0) for an empty log."""
+        row = self.db.execute("SELECT term, idx FROM log ORDER BY idx DESC LIMIT 1").fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
+    def log_term(self, index: int) -> int | None:
+        row = self.db.execute("SELECT term FROM log WHERE idx = ?", (index,)).fetchone()
+        return row[0] if row else None
+
     def head(self) -> Block:
         row = self.db.execute("SELECT doc FROM blocks ORDER BY height DESC LIMIT 1").fetchone()
         return _block_from_row(row[0])
