@@ -69,11 +69,14 @@ class RequestVoteMessage(RaftMessage):
     type: Literal["request_vote"] = "request_vote"
     last_log_index: Index
     last_log_term: Term
+    # Pre-vote (Raft dissertation 9.6): "would you vote for me in `term`?" Changes no state.
+    pre_vote: bool = False
 
 
 class RequestVoteResponse(RaftMessage):
     type: Literal["request_vote_response"] = "request_vote_response"
     granted: bool
+    pre_vote: bool = False
 
 
 class AppendEntriesMessage(RaftMessage):

@@ -27,7 +27,7 @@ from ledger.messages import (
     RequestVoteMessage,
     RequestVoteResponse,
 )
-from ledger.roles import Candidate, Follower, Leader, Progress, Role
+from ledger.roles import Candidate, Follower, Leader, PreCandidate, Progress, Role
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,12 @@ class RaftConfig:
     max_append_entries: int = 64
     max_append_bytes: int = 2 * 1024 * 1024
     max_inflight_entries: int = 1024
+    # Pre-vote (dissertation 9.6): a node asks whether it could win before it bumps its term,
+    # so a node coming back from a partition does not depose a healthy leader (raft-cases C10).
+    pre_vote: bool = True
+    # Check-quorum: a leader that has not heard from a majority for an election timeout steps
+    # down, and a node that heard from a leader within that time ignores vote requests.
+    check_quorum: bool = True
 
 
 @dataclass
@@ -134,12 +140,19 @@ class RaftNode:
     def tick(self) -> None:
         self._elapsed += 1
         if isinstance(self.role, Leader):
+            self.role.quorum_elapsed += 1
+            if self.config.check_quorum and self.role.quorum_elapsed >= self.config.election_ticks_min:
+                if not self._check_quorum():
+                    return
             if self._elapsed >= self.config.heartbeat_ticks:
                 self._elapsed = 0
                 self._need_heartbeat = True
         elif self._elapsed >= self._timeout:
             self._event("election_timeout", timeout_ticks=self._timeout)
-            self._campaign()
+            if self.config.pre_vote:
+                self._pre_campaign()
+            else:
+                self._campaign()
 
     def propose(self, kind: EntryKind, data: bytes = b"") -> Entry:
         """Append a new entry to the leader's log; it is sent with the next ``ready()``."""
@@ -172,18 +185,31 @@ class RaftNode:
             self._event("message_ignored", reason="not addressed to a member", src=m.src, dst=m.dst)
             return
         if m.term > self.term:
-            # F3: any newer term makes us a follower of that term, durably, before we answer.
-            leader = m.src if isinstance(m, AppendEntriesMessage) else None
-            self._become_follower(m.term, leader)
+            if isinstance(m, RequestVoteMessage) and not m.pre_vote and self._in_lease():
+                # Check-quorum: while a leader is known to be alive, a vote request does not
+                # even move our term (raft-cases C10).
+                self._event("vote_denied", candidate=m.src, reason="a leader is active", msg_term=m.term)
+                return
+            pre = isinstance(m, (RequestVoteMessage, RequestVoteResponse)) and m.pre_vote
+            if not pre or (isinstance(m, RequestVoteResponse) and not m.granted):
+                # F3: a newer term makes us a follower of that term, durably, before we answer.
+                # Pre-votes carry a term the sender does not hold yet, so they change nothing,
+                # unless a refusal tells us of a newer term.
+                leader = m.src if isinstance(m, AppendEntriesMessage) else None
+                self._become_follower(m.term, leader)
         elif m.term < self.term:
             # Stale sender: requests get our term so the sender steps down; stale replies are dropped.
             if isinstance(m, AppendEntriesMessage):
                 self._send(self._ae_reject(m, 0, 0))
                 self._event("append_rejected", reason="stale term", src=m.src, msg_term=m.term)
             elif isinstance(m, RequestVoteMessage):
-                self._send(RequestVoteResponse(src=self.id, dst=m.src, term=self.term, granted=False))
-                self._event("vote_denied", candidate=m.src, reason="stale term", msg_term=m.term)
+                self._send(RequestVoteResponse(src=self.id, dst=m.src, term=self.term, granted=False,
+                                               pre_vote=m.pre_vote))
+                self._event("vote_denied", candidate=m.src, reason="stale term", msg_term=m.term,
+                            pre_vote=m.pre_vote)
             return
+        if isinstance(self.role, Leader) and m.src in self.role.progress:
+            self.role.progress[m.src].active = True
         if isinstance(m, AppendEntriesMessage):
             self._on_append(m)
         elif isinstance(m, AppendEntriesResponse):
@@ -227,6 +253,47 @@ class RaftNode:
         if was != "follower":
             self._event("became_follower", previous=was, leader=leader_id)
 
+    def _in_lease(self) -> bool:
+        """Has this node heard from a live leader within the minimum election timeout?"""
+        if not self.config.check_quorum:
+            return False
+        if isinstance(self.role, Leader):
+            return True
+        return self.leader_id is not None and self._elapsed < self.config.election_ticks_min
+
+    def _check_quorum(self) -> bool:
+        """Leader: step down unless a majority was heard from in the last round."""
+        assert isinstance(self.role, Leader)
+        self.role.quorum_elapsed = 0
+        active = 1 + sum(pr.active for pr in self.role.progress.values())
+        for pr in self.role.progress.values():
+            pr.active = False
+        if active >= self.quorum:
+            return True
+        self._event("stepped_down", reason="no contact with a majority", heard_from=active)
+        self._become_follower(self.term, None)
+        return False
+
+    def _pre_campaign(self) -> None:
+        self.role = PreCandidate()
+        self.leader_id = None
+        self._reset_election_timer()
+        self._event("became_pre_candidate")
+        if not self.peers:
+            self._campaign()
+            return
+        for p in self.peers:
+            self._send(
+                RequestVoteMessage(
+                    src=self.id,
+                    dst=p,
+                    term=self.term + 1,
+                    last_log_index=self.log.last_index,
+                    last_log_term=self.log.last_term,
+                    pre_vote=True,
+                )
+            )
+
     def _campaign(self) -> None:
         self.term += 1
         self.voted_for = self.id
@@ -263,6 +330,9 @@ class RaftNode:
     # ---- handlers ----------------------------------------------------------------------------
 
     def _on_request_vote(self, m: RequestVoteMessage) -> None:
+        if m.pre_vote:
+            self._on_pre_vote(m)
+            return
         if self.voted_for not in (None, m.src):
             granted, reason = False, f"already voted for {self.voted_for}"
         elif not self.log.is_up_to_date(m.last_log_index, m.last_log_term):
@@ -277,7 +347,31 @@ class RaftNode:
             self._event("vote_denied", candidate=m.src, reason=reason)
         self._send(RequestVoteResponse(src=self.id, dst=m.src, term=self.term, granted=granted))
 
+    def _on_pre_vote(self, m: RequestVoteMessage) -> None:
+        """Answer a pre-vote as we would a vote in m.term, without changing any state."""
+        could = m.term > self.term or self.voted_for == m.src or (self.voted_for is None and self.leader_id is None)
+        if self._in_lease():
+            granted, reason = False, "a leader is active"
+        elif not could:
+            granted, reason = False, f"already voted for {self.voted_for}"
+        elif not self.log.is_up_to_date(m.last_log_index, m.last_log_term):
+            granted, reason = False, "candidate log is behind"
+        else:
+            granted, reason = True, ""
+        if granted:
+            self._event("pre_vote_granted", candidate=m.src, for_term=m.term)
+        else:
+            self._event("pre_vote_denied", candidate=m.src, for_term=m.term, reason=reason)
+        self._send(RequestVoteResponse(src=self.id, dst=m.src, term=m.term if granted else self.term,
+                                       granted=granted, pre_vote=True))
+
     def _on_vote_response(self, m: RequestVoteResponse) -> None:
+        if m.pre_vote:
+            if isinstance(self.role, PreCandidate) and m.term == self.term + 1:
+                (self.role.granted if m.granted else self.role.denied).add(m.src)
+                if len(self.role.granted) + 1 >= self.quorum:
+                    self._campaign()
+            return
         if not isinstance(self.role, Candidate):
             return  # C8: late replies after we won or stepped down
         (self.role.granted if m.granted else self.role.denied).add(m.src)

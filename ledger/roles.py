@@ -11,6 +11,15 @@ class Follower:
 
 
 @dataclass
+class PreCandidate:
+    """Asking whether it could win (pre-vote) before it bumps its term and disturbs anyone."""
+
+    name = "pre_candidate"
+    granted: set[int] = field(default_factory=set)
+    denied: set[int] = field(default_factory=set)
+
+
+@dataclass
 class Candidate:
     name = "candidate"
     granted: set[int] = field(default_factory=set)
@@ -30,6 +39,7 @@ class Progress:
     match_index: int = 0
     probing: bool = True
     acked_seq: int = 0  # highest heartbeat sequence number the follower echoed this term
+    active: bool = False  # heard from since the last check-quorum round
 
 
 @dataclass
@@ -37,8 +47,9 @@ class Leader:
     name = "leader"
     progress: dict[int, Progress] = field(default_factory=dict)
     seq: int = 0  # heartbeat sequence number, for ReadIndex
-    # (ctx, read_index, seq) waiting for a majority to echo seq
-    pending_reads: list[tuple[object, int, int]] = field(default_factory=list)
+    # (ctx, seq) waiting for a majority to echo seq
+    pending_reads: list[tuple[object, int]] = field(default_factory=list)
+    quorum_elapsed: int = 0  # ticks since the last check-quorum round
 
 
-Role = Follower | Candidate | Leader
+Role = Follower | PreCandidate | Candidate | Leader

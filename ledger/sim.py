@@ -124,8 +124,12 @@ class Simulation:
         self.ids = list(range(nodes))
         # Small append batches on some seeds split what a leader sends, so more interleavings
         # (e.g. an old-term entry acknowledged before the new leader's own entry) occur.
+        # Pre-vote and check-quorum are on in production; seeds without them also exercise the
+        # plain Figure 2 election, which reaches more of the paper's corner cases.
+        extensions = self.rng.random() < 0.5
         self.raft_config = RaftConfig(heartbeat_ticks=5, election_ticks_min=30, election_ticks_max=60,
-                                      max_append_entries=self.rng.choice([1, 1, 2, 64]))
+                                      max_append_entries=self.rng.choice([1, 1, 2, 64]),
+                                      pre_vote=extensions, check_quorum=extensions)
         self.hot_crash_p = self.rng.choice([0.02, 0.1, 0.25])
         self.nodes: dict[int, SimNode] = {}
         for i in self.ids:
@@ -228,7 +232,7 @@ class Simulation:
             self._bounce(sn.id)  # crash after the fsync, before anything was sent
             return
         for m in out.peers:
-            if isinstance(m, RequestVoteResponse) and m.granted:
+            if isinstance(m, RequestVoteResponse) and m.granted and not m.pre_vote:
                 # One vote per term, even across crashes (raft-cases C02).
                 voted = self.votes.setdefault((sn.id, m.term), m.dst)
                 if voted != m.dst:
@@ -620,9 +624,9 @@ def _short(m: RaftMessage) -> str:
     elif kind == "append_entries_response":
         extra = f" ok={m.success} match={m.match_index} rej={m.reject_index}"  # type: ignore[attr-defined]
     elif kind == "request_vote":
-        extra = f" last=({m.last_log_index},{m.last_log_term})"  # type: ignore[attr-defined]
+        extra = f" last=({m.last_log_index},{m.last_log_term}) pre={m.pre_vote}"  # type: ignore[attr-defined]
     elif kind == "request_vote_response":
-        extra = f" granted={m.granted}"  # type: ignore[attr-defined]
+        extra = f" granted={m.granted} pre={m.pre_vote}"  # type: ignore[attr-defined]
     return f"{kind} t={m.term}{extra}"
 
 

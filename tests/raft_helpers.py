@@ -24,8 +24,11 @@ from ledger.raft import HardState, RaftConfig, RaftNode, Ready
 
 A, B, C = 0, 1, 2
 
-# Every timer is exactly 10 ticks: hand-driven scenarios can count ticks.
-FIXED = RaftConfig(heartbeat_ticks=3, election_ticks_min=10, election_ticks_max=10)
+# Every timer is exactly 10 ticks: hand-driven scenarios can count ticks. The scenarios are
+# written for Figure 2 of the paper, so pre-vote and check-quorum (tested on their own in
+# test_prevote.py) are off here.
+FIXED = RaftConfig(heartbeat_ticks=3, election_ticks_min=10, election_ticks_max=10,
+                   pre_vote=False, check_quorum=False)
 
 Pair = tuple[int, int]
 

@@ -51,7 +51,8 @@ from raft_helpers import (
     take_all,
 )
 
-ONE_ENTRY = RaftConfig(heartbeat_ticks=3, election_ticks_min=10, election_ticks_max=10, max_append_entries=1)
+ONE_ENTRY = RaftConfig(heartbeat_ticks=3, election_ticks_min=10, election_ticks_max=10, max_append_entries=1,
+                       pre_vote=False, check_quorum=False)
 
 
 def txs(board: MemoryBoard, leader: int, name: str) -> Entry:
@@ -627,7 +628,7 @@ def test_C08_new_leader_serves_reads_only_after_committing_own_term_entry() -> N
 
 
 def _tie_run(seed: int, bound: int, first: int = 45) -> tuple[int | None, MemoryBoard]:
-    cfg = RaftConfig()
+    cfg = RaftConfig(pre_vote=False, check_quorum=False)
     board = seeded_board([A, B, C], term=5, log=[(1, 5)], applied=1, config=cfg, seed=seed)
     # A, leader of term 5, crashes. B and C reset their timers at its last heartbeat and drew
     # the same timeout.
@@ -646,7 +647,7 @@ def _tie_run(seed: int, bound: int, first: int = 45) -> tuple[int | None, Memory
 
 
 def test_C09_tied_first_timeouts_split_then_fresh_draws_elect() -> None:
-    cfg = RaftConfig()
+    cfg = RaftConfig(pre_vote=False, check_quorum=False)
     assert cfg.election_ticks_max >= 2 * cfg.election_ticks_min  # base .. 2 x base
     t, board = _tie_run(0, 10 * cfg.election_ticks_min)
     assert t is not None
@@ -667,7 +668,7 @@ def test_C09_tied_first_timeouts_split_then_fresh_draws_elect() -> None:
 
 
 def test_C09_leader_within_ten_timeouts_in_99_percent_of_seeds() -> None:
-    cfg = RaftConfig()
+    cfg = RaftConfig(pre_vote=False, check_quorum=False)
     bound = 10 * cfg.election_ticks_min
     runs = [_tie_run(seed, bound)[0] for seed in range(200)]
     ok = sum(t is not None for t in runs)
@@ -678,7 +679,7 @@ def test_C09_leader_within_ten_timeouts_in_99_percent_of_seeds() -> None:
 
 
 def test_C10_rejoining_node_with_inflated_term_minimum_variant() -> None:
-    cfg = RaftConfig()
+    cfg = RaftConfig(pre_vote=False, check_quorum=False)
     log = [E(i, 15, f"e{i}".encode()) for i in range(1, 100)]
     board = seeded_board([A, B, C], term=15, log=log, applied=99, config=cfg, seed=10)
     inv = Invariants()

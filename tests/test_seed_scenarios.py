@@ -409,7 +409,7 @@ def test_C5_one_wins_of_eight_and_the_other_steps_down() -> None:
 
 
 def test_C6_retry_after_no_majority_with_term_plus_one() -> None:
-    cfg = RaftConfig()  # randomised timeouts in [30, 60]
+    cfg = RaftConfig(pre_vote=False, check_quorum=False)  # randomised timeouts in [30, 60]
     board = seeded_board([A, B, C], term=1, log=[(1, 1)], applied=1, config=cfg, seed=6)
     fire(board, B)
     assert board.nodes[B].term == 2
@@ -429,7 +429,7 @@ def _livelock_run(seed: int, bound: int) -> tuple[int | None, int]:
     """Five nodes; three time out together and split the vote of term 2.
 
     Returns (ticks until one leader stands or None, that leader's term)."""
-    board = seeded_board(list(range(5)), term=1, log=[(1, 1)], applied=1, config=RaftConfig(), seed=seed)
+    board = seeded_board(list(range(5)), term=1, log=[(1, 1)], applied=1, config=RaftConfig(pre_vote=False, check_quorum=False), seed=seed)
     for i in (0, 1, 2):
         fire(board, i)  # three simultaneous candidates of term 2
     # Force the split: voter 3 hears candidate 0 first, voter 4 hears candidate 1 first.
@@ -447,7 +447,7 @@ def _livelock_run(seed: int, bound: int) -> tuple[int | None, int]:
 
 
 def test_C7_livelock_broken_by_randomised_timeouts() -> None:
-    cfg = RaftConfig()
+    cfg = RaftConfig(pre_vote=False, check_quorum=False)
     bound = 4 * cfg.election_ticks_max  # "a few election timeouts"
     results = {seed: _livelock_run(seed, bound) for seed in range(200)}
     assert [s for s, (t, _) in results.items() if t is None] == []
@@ -488,7 +488,7 @@ def test_C8_candidate_steps_down() -> None:
 
 
 def test_L1_leader_initialises_progress_and_heartbeats_regularly() -> None:
-    cfg = RaftConfig()
+    cfg = RaftConfig(pre_vote=False, check_quorum=False)
     assert cfg.heartbeat_ticks * 4 <= cfg.election_ticks_min  # well below the election timeout
     board = seeded_board([A, B, C], term=1, log=[(1, 1), (2, 1)], applied=2, config=cfg, seed=1)
     fire(board, A)
@@ -599,7 +599,8 @@ def test_L3_leader_repairs_dirty_logs_of_figure_7() -> None:
 
 def test_L4_commit_rule_figure_8() -> None:
     """S1..S5 = 0..4. An entry of an older term is never committed by counting replicas."""
-    cfg = RaftConfig(heartbeat_ticks=3, election_ticks_min=10, election_ticks_max=10, max_append_entries=1)
+    cfg = RaftConfig(heartbeat_ticks=3, election_ticks_min=10, election_ticks_max=10, max_append_entries=1,
+                     pre_vote=False, check_quorum=False)
     s1, s2, s3, s4, s5 = range(5)
     board = seeded_board(range(5), term=1, log=[(1, 1)], applied=1, config=cfg)
 
