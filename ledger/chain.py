@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 ZERO_HASH = "0" * 64
 MAX_BLOCKS_PER_REPLY = 200
@@ -46,6 +46,17 @@ def merkle_root(leaves: Iterable[bytes]) -> str:
     return _merkle(hashes).hex()
 
 
+def transfer_leaf(tx_id: str, sender: str, recipient: str, amount: int, status: str, reason: str | None) -> bytes:
+    """``canonical()`` of a transfer record, written out directly because it is on the hot path.
+
+    Only for ids and names that match messages.NAME_PATTERN and reasons without quotes or
+    backslashes, which need no JSON escaping (tests check it against ``canonical``).
+    """
+    r = "null" if reason is None else f'"{reason}"'
+    return (f'{{"amount":{amount},"reason":{r},"recipient":"{recipient}","sender":"{sender}",'
+            f'"status":"{status}","tx_id":"{tx_id}"}}').encode()
+
+
 class Block(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     height: int
@@ -65,6 +76,22 @@ class Block(BaseModel):
     def to_doc(self) -> dict[str, Any]:
         return self.model_dump()
 
+    def to_json(self) -> bytes:
+        """``canonical(to_doc())``, assembled from the leaves when make_block built them."""
+        if self._leaves is None:
+            return canonical(self.to_doc())
+        head = canonical({k: v for k, v in self.to_doc().items() if k != "txs"})
+        return head[:-1] + b',"txs":[' + b",".join(self._leaves) + b"]}"
+
+    # The canonical leaves, kept by make_block so storing the block does not encode them again.
+    _leaves: list[bytes] | None = PrivateAttr(default=None)
+
+    def __eq__(self, other: object) -> bool:
+        # Equal blocks have equal fields, however they were built (the cache does not count).
+        return isinstance(other, Block) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]
+
 
 def header_of(height: int, prev_hash: str, term: int, index: int, timestamp: int,
               root: str, tx_count: int) -> dict[str, Any]:
@@ -80,12 +107,17 @@ def header_of(height: int, prev_hash: str, term: int, index: int, timestamp: int
 
 
 def make_block(height: int, prev_hash: str, term: int, index: int, timestamp: int,
-               txs: list[dict[str, Any]]) -> Block:
-    root = merkle_root(canonical(tx) for tx in txs)
+               txs: list[dict[str, Any]], leaves: list[bytes] | None = None) -> Block:
+    """Build and hash a block; ``leaves``, if given, must be ``[canonical(tx) for tx in txs]``."""
+    if leaves is None:
+        leaves = [canonical(tx) for tx in txs]
+    root = merkle_root(leaves)
     digest = hashlib.sha256(canonical(header_of(height, prev_hash, term, index, timestamp, root,
                                                 len(txs)))).hexdigest()
-    return Block(height=height, prev_hash=prev_hash, term=term, index=index, timestamp=timestamp,
-                 merkle_root=root, hash=digest, txs=txs)
+    block = Block.model_construct(height=height, prev_hash=prev_hash, term=term, index=index,
+                                  timestamp=timestamp, merkle_root=root, hash=digest, txs=txs)
+    block._leaves = leaves
+    return block
 
 
 def genesis_block(balances: Mapping[str, int]) -> Block:

@@ -78,7 +78,9 @@ class MemoryBoard:
                 continue
             rd = node.ready()
             st = self.storage[i]
+            self.queue.extend(rd.early_messages)
             st.save(rd)
+            node.persisted(rd)
             self.queue.extend(rd.messages)
             st.apply(rd)
             self.read_states[i].extend(rd.read_states)

@@ -4,7 +4,10 @@ Inputs: ``tick()`` (one unit of logical time), ``step(message)``, ``propose(kind
 ``read_index(ctx)``. Outputs accumulate until the driver calls ``ready()``, which returns a
 ``Ready``. The driver must handle a Ready in this order, as in etcd-io/raft:
 
-1. persist ``hard_state``, then ``truncate_from`` / ``entries``, and fsync;
+1. persist ``hard_state``, then ``truncate_from`` / ``entries``, and fsync; then call
+   ``persisted(ready)``. ``early_messages`` (a leader's appends) may be sent before this step:
+   a leader writes its log in parallel with replicating it (dissertation 10.2.1) and counts its
+   own copy towards a commit only once ``persisted`` says so;
 2. send ``messages`` (they may depend on what was just persisted, e.g. a vote or an append ack);
 3. apply ``committed`` entries in order, and answer ``read_states`` once applied.
 
@@ -60,17 +63,22 @@ class Ready:
     hard_state: HardState | None = None
     truncate_from: int | None = None  # delete stored entries with index >= this, then add entries
     entries: list[Entry] = field(default_factory=list)
+    early_messages: list[RaftMessage] = field(default_factory=list)  # may go before the fsync
     messages: list[RaftMessage] = field(default_factory=list)
     committed: list[Entry] = field(default_factory=list)
     read_states: list[tuple[Any, int]] = field(default_factory=list)  # (ctx, index to wait for)
     dropped_reads: list[Any] = field(default_factory=list)  # reads that lost their leader
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
+    def all_messages(self) -> list[RaftMessage]:
+        return self.early_messages + self.messages
+
     def __bool__(self) -> bool:
         return bool(
             self.hard_state is not None
             or self.entries
             or self.truncate_from is not None
+            or self.early_messages
             or self.messages
             or self.committed
             or self.read_states
@@ -118,6 +126,7 @@ class RaftNode:
         self._reset_election_timer()
         self._persisted_hs = hard_state
         self._persist_from: int | None = None
+        self._stable_index = self.log.last_index  # our own log is durable up to here
         self._need_heartbeat = False
         self._ready = Ready()
 
@@ -218,6 +227,17 @@ class RaftNode:
             self._on_request_vote(m)
         elif isinstance(m, RequestVoteResponse):
             self._on_vote_response(m)
+
+    def persisted(self, rd: Ready) -> None:
+        """The driver has made ``rd``'s entries durable."""
+        if not rd.entries:
+            return
+        last = rd.entries[-1]
+        if (self._persist_from is None or self._persist_from > last.index) and \
+                self.log.term_at(last.index) == last.term:
+            self._stable_index = max(self._stable_index, last.index)
+            if isinstance(self.role, Leader):
+                self._maybe_commit()
 
     def ready(self) -> Ready:
         """Collect everything the driver has to do; see the module docstring for the order."""
@@ -503,7 +523,8 @@ class RaftNode:
 
     def _maybe_commit(self) -> None:
         assert isinstance(self.role, Leader)
-        matches = sorted([self.log.last_index, *(pr.match_index for pr in self.role.progress.values())],
+        # Our own copy counts only once it is durable (see persisted()).
+        matches = sorted([self._stable_index, *(pr.match_index for pr in self.role.progress.values())],
                          reverse=True)
         n = matches[self.quorum - 1]
         # 5.4.2: only an entry of the current term is committed by counting replicas.
@@ -549,13 +570,17 @@ class RaftNode:
     def _mark_unpersisted(self, index: int) -> None:
         if self._persist_from is None or index < self._persist_from:
             self._persist_from = index
+        self._stable_index = min(self._stable_index, index - 1)
 
     def _reset_election_timer(self) -> None:
         self._elapsed = 0
         self._timeout = self.rng.randint(self.config.election_ticks_min, self.config.election_ticks_max)
 
     def _send(self, m: RaftMessage) -> None:
-        self._ready.messages.append(m)
+        if isinstance(m, AppendEntriesMessage):
+            self._ready.early_messages.append(m)  # a leader's append depends on nothing unsynced
+        else:
+            self._ready.messages.append(m)
 
     def _event(self, name: str, **fields: Any) -> None:
         self._ready.events.append((name, fields))

@@ -40,9 +40,9 @@ class Server:
         self.log = setup_node_logging(cfg.log_file(node_id), node_id, self._log_context, console)
         self.storage = Storage(cfg.node_dir(node_id) / "node.db", cfg.genesis)
         height = self.storage.verify_chain()
-        self.node = LedgerNode(node_id, list(cfg.nodes), self.storage, raft_config(cfg),
-                               random.Random(), self.log)
         self.transport = ZeroMQServer(node_id, cfg.nodes, self.log)
+        self.node = LedgerNode(node_id, list(cfg.nodes), self.storage, raft_config(cfg),
+                               random.Random(), self.log, send_early=self._send_peers)
         self.tick_s = cfg.tick_ms / 1000
         self.running = False
         raft = self.node.raft
@@ -72,12 +72,15 @@ class Server:
                         self.node.tick(now)
                     next_tick = max(next_tick + due * self.tick_s, now)
                 out = self.node.flush(int(time.time() * 1000))  # the leader stamps block time here
-                for m in out.peers:
-                    self.transport.send_peer(m.dst, encode(m))
+                self._send_peers(out.peers)
                 for identity, reply in out.clients:
                     self.transport.reply(identity, encode(reply))  # type: ignore[arg-type]
         finally:
             self.close()
+
+    def _send_peers(self, msgs: list[RaftMessage]) -> None:
+        for m in msgs:
+            self.transport.send_peer(m.dst, encode(m))
 
     def stop(self) -> None:
         self.running = False

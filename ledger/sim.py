@@ -172,7 +172,8 @@ class Simulation:
     def _start(self, sn: SimNode) -> None:
         sn.epoch += 1
         sn.ledger = LedgerNode(sn.id, self.ids, sn.storage, self.raft_config,
-                               random.Random(self.rng.random()), _Recorder(self, sn.id))
+                               random.Random(self.rng.random()), _Recorder(self, sn.id),
+                               send_early=lambda msgs, i=sn.id: self._send_early(i, msgs))
         sn.commit_seen = sn.ledger.raft.commit_index
         self.at(self._tick_period(sn), "tick", (sn.id, sn.epoch))
 
@@ -242,6 +243,11 @@ class Simulation:
             self.send(f"n{sn.id}", str(client), reply)
         if p <= fault < 2 * p:
             self._bounce(sn.id)  # crash right after sending
+
+    def _send_early(self, node_id: int, msgs: list[RaftMessage]) -> None:
+        """A leader's appends leave before its own fsync, so a crash can lose its copy only."""
+        for m in msgs:
+            self.send(f"n{node_id}", f"n{m.dst}", m)
 
     def _bounce(self, node_id: int) -> None:
         """Crash, and mostly come back soon, as a supervised process would."""

@@ -22,6 +22,7 @@ from ledger.raft import HardState
 from ledger.state import TxResult
 
 SCHEMA_VERSION = 1
+_SQL_VARS = 500  # ids per IN (...) query, below SQLite's limit on bound parameters
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
@@ -121,6 +122,18 @@ class Storage:
         ).fetchone()
         return TxResult(*row) if row else None
 
+    def tx_results(self, tx_ids: Sequence[str]) -> dict[str, TxResult]:
+        """The stored results of those of ``tx_ids`` that were applied."""
+        out: dict[str, TxResult] = {}
+        for k in range(0, len(tx_ids), _SQL_VARS):
+            chunk = tx_ids[k : k + _SQL_VARS]
+            marks = ",".join("?" * len(chunk))
+            for tx_id, *row in self.db.execute(
+                f"SELECT tx_id, status, reason, height, block_hash FROM txs WHERE tx_id IN ({marks})", chunk
+            ):
+                out[tx_id] = TxResult(*row)
+        return out
+
     def put_applied(self, index: int, block: Block | None, results: dict[str, TxResult],
                     balances: dict[str, int]) -> None:
         if block is not None:
@@ -203,7 +216,7 @@ class Storage:
     def _put_block(self, block: Block) -> None:
         self.db.execute(
             "INSERT INTO blocks VALUES (?, ?, ?)",
-            (block.height, block.hash, json.dumps(block.to_doc(), separators=(",", ":"))),
+            (block.height, block.hash, block.to_json().decode()),
         )
 
     def _meta(self, key: str) -> object:

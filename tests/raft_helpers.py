@@ -100,7 +100,7 @@ def only(msgs: Sequence[RaftMessage]) -> RaftMessage:
 
 
 def of_type(rd: Ready | Sequence[RaftMessage], cls: type) -> list:
-    msgs = rd.messages if isinstance(rd, Ready) else rd
+    msgs = rd.all_messages() if isinstance(rd, Ready) else rd
     return [m for m in msgs if isinstance(m, cls)]
 
 
@@ -139,7 +139,9 @@ def drive(board: MemoryBoard, node_id: int) -> Ready:
     node = board.nodes[node_id]
     rd = node.ready()
     st = board.storage[node_id]
+    board.queue.extend(rd.early_messages)
     st.save(rd)
+    node.persisted(rd)
     board.queue.extend(rd.messages)
     st.apply(rd)
     board.read_states[node_id].extend(rd.read_states)

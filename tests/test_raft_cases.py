@@ -422,10 +422,10 @@ def test_C06_stale_rejection_is_ignored_next_index_never_below_one() -> None:
     # 1. H1 and, on the retry timer, the identical H2.
     for _ in range(FIXED.heartbeat_ticks):
         a.tick()
-    h1 = only([m for m in a.ready().messages if m.dst == B])
+    h1 = only([m for m in a.ready().all_messages() if m.dst == B])
     for _ in range(FIXED.heartbeat_ticks):
         a.tick()
-    h2 = only([m for m in a.ready().messages if m.dst == B])
+    h2 = only([m for m in a.ready().all_messages() if m.dst == B])
     assert h1 == h2 == ae(A, B, 1, prev=(1, 1))
     # 2. B rejects H1; A moves nextIndex[B] to 1 and sends AE3.
     b.step(h1)
@@ -436,12 +436,12 @@ def test_C06_stale_rejection_is_ignored_next_index_never_below_one() -> None:
     b.step(h2)
     r2 = only(b.ready().messages)
     a.step(r1)
-    ae3 = only(a.ready().messages)
+    ae3 = only(a.ready().all_messages())
     assert ae3 == ae(A, B, 1, prev=(0, 0), entries=[(1, 1)])
     assert a.role.progress[B].next_index == 1
     # 3. The rejection of H2 (about prev index 1) is stale: ignored, nothing sent.
     a.step(r2)
-    assert a.ready().messages == []
+    assert a.ready().all_messages() == []
     assert a.role.progress[B].next_index == 1
     # 4. AE3 accepted.
     b.step(ae3)
@@ -454,7 +454,7 @@ def test_C06_stale_rejection_is_ignored_next_index_never_below_one() -> None:
     for _ in range(3):
         a.step(r2)
         a.step(r1)
-        for m in a.ready().messages:
+        for m in a.ready().all_messages():
             assert m.prev_log_index >= 0
         assert a.role.progress[B].next_index >= 1
 

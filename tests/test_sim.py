@@ -86,7 +86,8 @@ def truncate_without_conflict(original: Callable) -> Callable:
 
 def test_teeth_commit_by_counting_an_old_term_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(raft.RaftNode, "_maybe_commit", commit_old_term_by_counting)
-    found = first_violation(range(150))
+    # Figure 8 needs three leaders in a row with a crash at the wrong moment: the rarest here.
+    found = first_violation(range(400))
     assert found is not None and ("could win an election" in found or "safety" in found), found
 
 

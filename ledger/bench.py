@@ -1,0 +1,523 @@
+"""Benchmark: ``python -m ledger.bench`` (see ``--help``).
+
+Starts a real local cluster (node processes, ZeroMQ, SQLite with fsync) in a temp dir and drives
+it from separate load-worker processes: ``--clients`` closed-loop submitters, each keeping one
+transfer in flight, retrying with the same id on timeout. Prints committed transfers/s, latency
+percentiles, CPU seconds and peak RSS per node and bytes on disk per transfer.
+
+``--compare pysyncobj`` runs the same workload, in the same invocation and alternating with ours,
+on an equivalent ledger built on PySyncObj (ledger/bench_pysyncobj.py) and prints ours/theirs.
+``--ceiling`` runs validation, apply, block building, hashing and storage in one process with no
+replication. ``--failover K`` and ``--catchup N`` measure recovery. ``--sweep`` plots throughput
+and p99 against the number of clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from ledger.cluster import LocalCluster, free_ports
+
+REQUEST_TIMEOUT_S = 2.0
+
+# ---- load worker (a separate process) -----------------------------------------------------------
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Closed-loop submitters on one ZeroMQ context; returns latencies and outcomes."""
+    endpoints: dict[int, str] = {int(k): v for k, v in spec["endpoints"].items()}
+    accounts = [f"acct{i}" for i in range(spec["accounts"])]
+    rng = random.Random(spec["seed"])
+    ctx = zmq.Context()
+    socks: dict[int, zmq.Socket] = {}
+    poller = zmq.Poller()
+
+    def sock(node: int) -> zmq.Socket:
+        if node not in socks:
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(endpoints[node])
+            poller.register(s, zmq.POLLIN)
+            socks[node] = s
+        return socks[node]
+
+    leader = spec.get("leader", min(endpoints))
+    prefix = spec["prefix"]
+    budget = spec.get("count")  # transfers this worker issues in all, or None: until the deadline
+    issued = 0
+    inflight: dict[str, dict[str, Any]] = {}  # req_id -> op
+    latencies: list[float] = []
+    answered_at: list[float] = []
+    outcome = {"committed": 0, "rejected": 0, "unknown": 0}
+
+    req_ids = itertools.count()
+
+    def send(op: dict[str, Any], node: int) -> None:
+        req_id = f"{prefix}.{next(req_ids)}"
+        op["sent"] = time.monotonic()
+        op["node"] = node
+        inflight[req_id] = op
+        sock(node).send(msgpack.packb({"v": 1, "type": "submit", "req_id": req_id, "transfer": op["t"]}))
+
+    def new_op() -> None:
+        nonlocal issued
+        issued += 1
+        sender, recipient = rng.sample(accounts, 2)
+        t = {"tx_id": f"{prefix}-{issued}", "sender": sender, "recipient": recipient,
+             "amount": rng.randint(1, 100)}
+        send({"t": t, "first": time.monotonic()}, leader)
+
+    while time.time() < spec["start_at"]:
+        time.sleep(0.005)  # start together with the other workers
+    end = time.monotonic() + spec["duration"]
+    for _ in range(spec["clients"]):
+        if budget is None or issued < budget:
+            new_op()
+    while inflight:
+        now = time.monotonic()
+        if now > end + 10:
+            outcome["unknown"] += len(inflight)
+            break
+        for s, _ in poller.poll(50):
+            while True:
+                try:
+                    r = msgpack.unpackb(s.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                op = inflight.pop(r.get("req_id", ""), None)
+                if op is None:
+                    continue
+                kind = r["type"]
+                if kind == "submit_reply":
+                    t = time.monotonic()
+                    latencies.append((t - op["first"]) * 1000)
+                    answered_at.append(time.time())
+                    outcome[r["status"]] += 1
+                    if time.monotonic() < end and (budget is None or issued < budget):
+                        new_op()
+                    continue
+                if kind == "redirect" and r.get("leader_id") is not None:
+                    leader = r["leader_id"]
+                else:
+                    leader = rng.choice(list(endpoints))
+                    time.sleep(0.01)  # no leader yet: back off a little
+                send(op, leader)
+        now = time.monotonic()
+        for req_id, op in list(inflight.items()):
+            if now - op["sent"] > REQUEST_TIMEOUT_S:
+                # Same transfer id to another node: the ledger de-duplicates the retry.
+                del inflight[req_id]
+                leader = rng.choice([n for n in endpoints if n != op["node"]] or list(endpoints))
+                send(op, leader)
+    for s in socks.values():
+        s.close(0)
+    ctx.term()
+    return {"latencies": latencies, "answered_at": answered_at, **outcome}
+
+
+# ---- clusters under test ------------------------------------------------------------------------
+
+
+class PySyncObjCluster:
+    """PySyncObj nodes (ledger/bench_pysyncobj.py), with our client protocol on a ROUTER each."""
+
+    def __init__(self, directory: Path, nodes: int, accounts: int) -> None:
+        self.dir = directory
+        ports = free_ports(2 * nodes)
+        self.raft = [f"127.0.0.1:{p}" for p in ports[:nodes]]
+        self.endpoints = {i: f"tcp://127.0.0.1:{p}" for i, p in enumerate(ports[nodes:])}
+        self.accounts = accounts
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start(self, i: int) -> None:
+        self.procs[i] = subprocess.Popen(
+            [sys.executable, "-m", "ledger.bench_pysyncobj", str(i), ",".join(self.raft), self.endpoints[i],
+             str(self.dir), str(self.accounts)],
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / f"pso-{i}.stderr", "ab"))
+
+    def __enter__(self) -> PySyncObjCluster:
+        for i in self.endpoints:
+            self.start(i)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs.values():
+            p.kill()
+            p.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@dataclass
+class Result:
+    system: str
+    nodes: int
+    clients: int
+    seconds: float
+    committed: int
+    rejected: int
+    unknown: int
+    throughput: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    cpu_s: list[float] = field(default_factory=list)
+    peak_rss_mb: list[float] = field(default_factory=list)
+    disk_bytes_per_transfer: float = 0.0
+    durability: str = ""
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def run_workers(endpoints: dict[int, str], clients: int, duration: float, count: int | None, accounts: int,
+                leader: int, label: str, progress: bool) -> tuple[list[dict[str, Any]], float, float]:
+    n_workers = min(2, clients)
+    start_at = time.time() + 1.0
+    procs = []
+    for w in range(n_workers):
+        share = clients // n_workers + (1 if w < clients % n_workers else 0)
+        spec = {"endpoints": endpoints, "clients": share, "duration": duration, "accounts": accounts,
+                "seed": random.randrange(1 << 30), "prefix": f"{label}{w}-{uuid.uuid4().hex[:6]}",
+                "start_at": start_at, "leader": leader,
+                "count": None if count is None else count // n_workers + (1 if w < count % n_workers else 0)}
+        # Output to a file, not a pipe: a worker's large report must not block on a full pipe.
+        out = tempfile.TemporaryFile(mode="w+")
+        procs.append((subprocess.Popen([sys.executable, "-m", "ledger.bench", "--worker", json.dumps(spec)],
+                                       stdout=out, text=True), out))
+    while time.time() < start_at:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    while any(p.poll() is None for p, _ in procs):
+        if progress:
+            el = time.monotonic() - t0
+            frac = min(1.0, el / duration) if count is None else 0.0
+            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+            sys.stderr.write(f"\r  {label:<10} [{bar}] {el:5.1f}s ")
+            sys.stderr.flush()
+        time.sleep(0.2)
+    if progress:
+        sys.stderr.write("\n")
+    reports = []
+    for _, out in procs:
+        out.seek(0)
+        reports.append(json.loads(out.read()))
+        out.close()
+    return reports, start_at, time.monotonic() - t0
+
+
+def summarize(system: str, nodes: int, clients: int, outs: list[dict[str, Any]], start_at: float,
+              pids: list[int], cpu0: list[float], data: Path, durability: str) -> Result:
+    lat = sorted(x for o in outs for x in o["latencies"])
+    answered = sorted(x for o in outs for x in o["answered_at"])
+    committed = sum(o["committed"] for o in outs)
+    rejected = sum(o["rejected"] for o in outs)
+    seconds = (answered[-1] - start_at) if answered else 0.0
+    cpu = [round(_cpu_seconds(p) - c, 2) for p, c in zip(pids, cpu0)]
+    done = committed + rejected
+    return Result(system, nodes, clients, round(seconds, 2), committed, rejected, sum(o["unknown"] for o in outs),
+                  round(done / seconds, 1) if seconds else 0.0, round(_pct(lat, 0.5), 2), round(_pct(lat, 0.95), 2),
+                  round(_pct(lat, 0.99), 2), round(lat[-1], 2) if lat else float("nan"), cpu,
+                  [round(_peak_rss_mb(p), 1) for p in pids],
+                  round(_dir_bytes(data) / max(1, done) / nodes, 1), durability)
+
+
+def bench_ours(nodes: int, clients: int, duration: float, count: int | None, accounts: int,
+               progress: bool = True) -> Result:
+    with tempfile.TemporaryDirectory(prefix="raftledger-bench-") as d:
+        genesis = {f"acct{i}": 10**12 for i in range(accounts)}
+        with LocalCluster(Path(d), nodes=nodes, genesis=genesis) as cluster, cluster.client() as admin:
+            leader = cluster.wait_leader(admin, timeout=15)
+            pids = [cluster.procs[i].pid for i in cluster.ids]
+            cpu0 = [_cpu_seconds(p) for p in pids]
+            outs, start_at, _ = run_workers(cluster.cfg.nodes, clients, duration, count, accounts, leader,
+                                            "raftledger", progress)
+            return summarize("raftledger", nodes, clients, outs, start_at, pids, cpu0, Path(d) / "data",
+                             "SQLite WAL synchronous=FULL: fsync per batch before any ack")
+
+
+def bench_pysyncobj(nodes: int, clients: int, duration: float, count: int | None, accounts: int,
+                    progress: bool = True) -> Result:
+    with tempfile.TemporaryDirectory(prefix="pysyncobj-bench-") as d, \
+            PySyncObjCluster(Path(d), nodes, accounts) as cluster:
+        leader = _pso_wait_leader(cluster)
+        pids = [p.pid for p in cluster.procs.values()]
+        cpu0 = [_cpu_seconds(p) for p in pids]
+        outs, start_at, _ = run_workers(cluster.endpoints, clients, duration, count, accounts, leader,
+                                        "pysyncobj", progress)
+        return summarize("pysyncobj", nodes, clients, outs, start_at, pids, cpu0, Path(d),
+                         "journal file in an mmap, not fsynced per entry")
+
+
+def _pso_wait_leader(cluster: PySyncObjCluster, timeout: float = 30) -> int:
+    ctx = zmq.Context()
+    end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < end:
+            for i, ep in cluster.endpoints.items():
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.connect(ep)
+                s.send(msgpack.packb({"v": 1, "type": "status", "req_id": "s"}))
+                role = msgpack.unpackb(s.recv())["role"] if s.poll(500) else None
+                s.close(0)
+                if role == "leader":
+                    return i
+            time.sleep(0.1)
+    finally:
+        ctx.term()
+    raise TimeoutError("PySyncObj elected no leader")
+
+
+# ---- the ceiling: everything but replication ------------------------------------------------------
+
+
+def ceiling(transfers: int, accounts: int, batch: int = 500) -> float:
+    """Transfers/s through request validation, batching, apply, blocks and fsynced storage."""
+    from ledger.messages import EntryKind, Entry, SubmitRequest, decode
+    from ledger.state import LedgerState, encode_batch
+    from ledger.storage import Storage
+
+    rng = random.Random(1)
+    names = [f"acct{i}" for i in range(accounts)]
+    with tempfile.TemporaryDirectory(prefix="raftledger-ceiling-") as d:
+        storage = Storage(Path(d) / "node.db", {n: 10**12 for n in names})
+        rec = storage.load()
+        state = LedgerState(storage, rec.balances, rec.head, rec.applied)
+        frames = []
+        for k in range(transfers):
+            s, r = rng.sample(names, 2)
+            frames.append(msgpack.packb({"v": 1, "type": "submit", "req_id": str(k), "transfer": {
+                "tx_id": f"c{k}", "sender": s, "recipient": r, "amount": rng.randint(1, 100)}}))
+        t0 = time.perf_counter()
+        index = 0
+        for k in range(0, transfers, batch):
+            reqs = [decode(f) for f in frames[k : k + batch]]
+            index += 1
+            entry = Entry(index=index, term=1, kind=EntryKind.TXS,
+                          data=encode_batch(int(time.time() * 1000), [q.transfer for q in reqs]))  # type: ignore[union-attr]
+            with storage.transaction():
+                storage.save_entries(index, [entry])
+                state.apply(entry)
+        elapsed = time.perf_counter() - t0
+        storage.close()
+    return transfers / elapsed
+
+
+# ---- failover and catch-up ------------------------------------------------------------------------
+
+
+def failover(kills: int, nodes: int, clients: int, accounts: int) -> list[float]:
+    """Kill -9 the leader ``kills`` times under load; seconds from kill to the next commit."""
+    times: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="raftledger-failover-") as d:
+        genesis = {f"acct{i}": 10**12 for i in range(accounts)}
+        with LocalCluster(Path(d), nodes=nodes, genesis=genesis) as cluster, \
+                cluster.client(request_timeout=0.2, deadline=10) as probe:
+            leader = cluster.wait_leader(probe, timeout=15)
+            load = subprocess.Popen([sys.executable, "-m", "ledger.bench", "--worker", json.dumps({
+                "endpoints": cluster.cfg.nodes, "clients": clients, "duration": 6.0 * kills + 5,
+                "accounts": accounts, "seed": 1, "prefix": "load", "start_at": time.time(), "leader": leader,
+                "count": None})], stdout=subprocess.DEVNULL)
+            try:
+                for k in range(kills):
+                    time.sleep(1.0)  # let the load settle on the current leader
+                    leader = cluster.wait_leader(probe)
+                    killed_at = time.monotonic()
+                    cluster.kill(leader)
+                    probe.leader_hint = None
+                    probe.submit("acct0", "acct1", 1, tx_id=f"probe-{k}")
+                    times.append(time.monotonic() - killed_at)
+                    print(f"  kill {k + 1}/{kills}: node {leader}, next commit after {times[-1]:.3f}s",
+                          file=sys.stderr)
+                    cluster.start(leader)
+                    time.sleep(2.0)  # the restarted node catches up before the next kill
+            finally:
+                load.send_signal(signal.SIGKILL)
+                load.wait()
+    return times
+
+
+def catchup(count: int, nodes: int, clients: int, accounts: int) -> float:
+    """Stop a follower, commit ``count`` transfers, restart it: seconds until it is level."""
+    with tempfile.TemporaryDirectory(prefix="raftledger-catchup-") as d:
+        genesis = {f"acct{i}": 10**12 for i in range(accounts)}
+        with LocalCluster(Path(d), nodes=nodes, genesis=genesis) as cluster, cluster.client() as admin:
+            leader = cluster.wait_leader(admin, timeout=15)
+            lagging = next(i for i in cluster.ids if i != leader)
+            cluster.stop(lagging)
+            run_workers(cluster.cfg.nodes, clients, 3600, count, accounts, leader, "fill", True)
+            target = admin.status()[leader].commit_index  # type: ignore[union-attr]
+            started = time.monotonic()
+            cluster.start(lagging)
+            while True:
+                st = admin.status().get(lagging)
+                if st is not None and st.last_applied >= target:
+                    return time.monotonic() - started
+                if time.monotonic() - started > 300:
+                    raise TimeoutError("follower did not catch up in 300 s")
+                time.sleep(0.05)
+
+
+# ---- output ---------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "git_commit": commit}
+
+
+def table(results: list[Result]) -> str:
+    head = f"{'system':<11} {'nodes':>5} {'clients':>7} {'tx/s':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} " \
+           f"{'max ms':>8} {'CPU s/node':>16} {'peak RSS MB':>18} {'B/tx':>6}"
+    lines = [head]
+    for r in results:
+        lines.append(f"{r.system:<11} {r.nodes:>5} {r.clients:>7} {r.throughput:>9.0f} {r.p50_ms:>7.1f} "
+                     f"{r.p95_ms:>7.1f} {r.p99_ms:>7.1f} {r.max_ms:>8.1f} "
+                     f"{'/'.join(f'{c:.1f}' for c in r.cpu_s):>16} {'/'.join(f'{m:.0f}' for m in r.peak_rss_mb):>18} "
+                     f"{r.disk_bytes_per_transfer:>6.0f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ledger.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--nodes", type=int, choices=(3, 5), default=3)
+    p.add_argument("--clients", type=int, default=64, help="concurrent submitters")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of load")
+    p.add_argument("--count", type=int, default=None, help="transfers in all (instead of --duration)")
+    p.add_argument("--accounts", type=int, default=100)
+    p.add_argument("--compare", choices=("pysyncobj",), help="also run PySyncObj, alternating with ours")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds with --compare")
+    p.add_argument("--sweep", metavar="PNG", help="run several client counts and plot them to PNG")
+    p.add_argument("--ceiling", action="store_true", help="also run the single-process ceiling")
+    p.add_argument("--failover", type=int, metavar="K", default=0, help="kill the leader K times under load")
+    p.add_argument("--catchup", type=int, metavar="N", default=0, help="catch-up time of a follower N transfers behind")
+    p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.clients < 1 or args.duration <= 0 or args.accounts < 2 or (args.count is not None and args.count < 1):
+        p.error("--clients and --count must be positive, --duration positive, --accounts at least 2")
+    record: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+    results: list[Result] = []
+    counts = [1, 4, 16, 64, 128, 256] if args.sweep else [args.clients]
+    for c in counts:
+        for _ in range(args.rounds):
+            results.append(bench_ours(args.nodes, c, args.duration, args.count, args.accounts))
+            if args.compare:
+                results.append(bench_pysyncobj(args.nodes, c, args.duration, args.count, args.accounts))
+    print(table(results))
+    record["results"] = [asdict(r) for r in results]
+    if args.compare:
+        ours = max((r for r in results if r.system == "raftledger"), key=lambda r: r.throughput)
+        theirs = max((r for r in results if r.system == "pysyncobj"), key=lambda r: r.throughput)
+        ratio = {
+            "throughput": ours.throughput / theirs.throughput,
+            "p50": ours.p50_ms / theirs.p50_ms,
+            "p99": ours.p99_ms / theirs.p99_ms,
+            "cpu": sum(ours.cpu_s) / max(sum(theirs.cpu_s), 1e-9),
+            "peak_rss": sum(ours.peak_rss_mb) / max(sum(theirs.peak_rss_mb), 1e-9),
+        }
+        record["ratio_ours_over_pysyncobj"] = ratio
+        print("\nours / PySyncObj, best run of each: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+        print(f"durability: raftledger: {ours.durability}; PySyncObj: {theirs.durability}")
+    if args.ceiling:
+        n = args.count or 100_000
+        ceil = ceiling(n, args.accounts)
+        best = max(r.throughput for r in results if r.system == "raftledger")
+        record["ceiling"] = {"transfers_per_s": ceil, "replicated_fraction": best / ceil}
+        print(f"\nceiling (one process, no replication): {ceil:.0f} tx/s; replicated best is {best / ceil:.0%} of it")
+    if args.failover:
+        times = failover(args.failover, args.nodes, min(args.clients, 32), args.accounts)
+        record["failover_s"] = times
+        print(f"\nfailover over {len(times)} kills: median {statistics.median(times):.3f}s, worst {max(times):.3f}s")
+    if args.catchup:
+        secs = catchup(args.catchup, args.nodes, args.clients, args.accounts)
+        record["catchup_s"] = secs
+        print(f"\ncatch-up of a follower {args.catchup} transfers behind: {secs:.2f}s")
+    if args.sweep:
+        _plot(results, args.sweep)
+        print(f"\nplot: {args.sweep}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2))
+    return 0
+
+
+def _plot(results: list[Result], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax1 = plt.subplots(figsize=(8, 4.5))
+    ax2 = ax1.twinx()
+    for system, colour in (("raftledger", "tab:blue"), ("pysyncobj", "tab:orange")):
+        rs = sorted((r for r in results if r.system == system), key=lambda r: r.clients)
+        if not rs:
+            continue
+        ax1.plot([r.clients for r in rs], [r.throughput for r in rs], "o-", color=colour, label=f"{system} tx/s")
+        ax2.plot([r.clients for r in rs], [r.p99_ms for r in rs], "s--", color=colour, alpha=0.6,
+                 label=f"{system} p99 ms")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("concurrent clients (offered load)")
+    ax1.set_ylabel("committed transfers / s")
+    ax2.set_ylabel("p99 latency (ms)")
+    ax1.legend(loc="upper left")
+    ax2.legend(loc="lower right")
+    ax1.set_title("3-node cluster, fsync on (2 cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
