@@ -1,71 +1,94 @@
-"""The Raft log as the core sees it: entries in memory, 1-based, with the term lookups Raft needs.
+"""The Raft log as the core sees it: 1-based entries and the term lookups Raft needs.
 
 Durability is not here: the core reports what to persist (``Ready``) and the driver writes it.
+Every entry's term stays in memory (8 bytes each); the entries themselves only for a recent
+window once the driver supplies a ``loader`` that reads older ones back from its storage, so a
+node's memory does not grow with the length of its log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable
 
 from ledger.messages import Entry
 
+Loader = Callable[[int, int], list[Entry]]  # (first index, last index) -> entries, from storage
+
 
 class RaftLog:
-    def __init__(self, entries: Iterable[Entry] = ()) -> None:
-        self._entries: list[Entry] = []
+    def __init__(self, entries: Iterable[Entry] = (), loader: Loader | None = None) -> None:
+        self._terms = array("q")
+        self._mem: list[Entry] = []  # entries mem_start .. last_index
+        self._mem_start = 1
+        self.loader = loader
         for e in entries:
             self.append(e)
 
     @property
     def last_index(self) -> int:
-        return len(self._entries)
+        return len(self._terms)
 
     @property
     def last_term(self) -> int:
-        return self._entries[-1].term if self._entries else 0
+        return self._terms[-1] if self._terms else 0
 
     def term_at(self, index: int) -> int | None:
         """Term of the entry at ``index``; 0 for index 0; None past the end."""
         if index == 0:
             return 0
-        if 1 <= index <= len(self._entries):
-            return self._entries[index - 1].term
+        if 1 <= index <= len(self._terms):
+            return self._terms[index - 1]
         return None
 
     def entry(self, index: int) -> Entry:
-        return self._entries[index - 1]
+        return self.slice(index, index)[0]
 
     def slice(self, start: int, end: int) -> list[Entry]:
         """Entries with start <= index <= end."""
-        return self._entries[start - 1 : end]
+        end = min(end, self.last_index)
+        if start > end:
+            return []
+        if start >= self._mem_start:
+            return self._mem[start - self._mem_start : end - self._mem_start + 1]
+        assert self.loader is not None, "entries were released without a loader"
+        older = self.loader(start, min(end, self._mem_start - 1))
+        return older + self._mem[: max(0, end - self._mem_start + 1)]
 
     def append(self, entry: Entry) -> None:
         if entry.index != self.last_index + 1:
             raise ValueError(f"entry {entry.index} does not follow last index {self.last_index}")
         if entry.term < self.last_term:
             raise ValueError(f"entry term {entry.term} below last term {self.last_term}")
-        self._entries.append(entry)
+        self._terms.append(entry.term)
+        self._mem.append(entry)
 
     def truncate_from(self, index: int) -> None:
         """Drop entries with index >= ``index``."""
-        del self._entries[index - 1 :]
+        del self._terms[index - 1 :]
+        if index >= self._mem_start:
+            del self._mem[index - self._mem_start :]
+        else:
+            self._mem.clear()
+            self._mem_start = index
+
+    def release(self, upto: int) -> None:
+        """Forget the in-memory copies of entries up to ``upto`` (they stay in storage)."""
+        if self.loader is None or upto < self._mem_start:
+            return
+        upto = min(upto, self.last_index)
+        del self._mem[: upto - self._mem_start + 1]
+        self._mem_start = upto + 1
 
     def first_index_of_term(self, index: int) -> int:
         """The first index of the run of entries with the same term as the one at ``index``."""
-        term = self.term_at(index)
-        while index > 1 and self.term_at(index - 1) == term:
-            index -= 1
-        return index
+        return bisect_left(self._terms, self._terms[index - 1], 0, index) + 1
 
     def last_index_of_term(self, term: int) -> int:
         """The last index holding ``term``, or 0 if the log has none."""
-        for i in range(len(self._entries), 0, -1):
-            t = self._entries[i - 1].term
-            if t == term:
-                return i
-            if t < term:
-                break
-        return 0
+        i = bisect_right(self._terms, term)
+        return i if i and self._terms[i - 1] == term else 0
 
     def is_up_to_date(self, last_index: int, last_term: int) -> bool:
         """The election restriction (5.4.1): is (last_term, last_index) at least as new as ours?"""

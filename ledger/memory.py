@@ -46,6 +46,7 @@ class MemoryBoard:
         self.nodes: dict[int, RaftNode] = {}
         self.queue: list[RaftMessage] = []
         self.read_states: dict[int, list[tuple[object, int]]] = {i: [] for i in self.ids}
+        self.dropped_reads: dict[int, list[object]] = {i: [] for i in self.ids}
         self.events: dict[int, list[tuple[str, dict]]] = {i: [] for i in self.ids}
         for i in self.ids:
             self.restart(i)
@@ -70,8 +71,9 @@ class MemoryBoard:
         self.queue = [m for m in self.queue if node_id not in (m.src, m.dst)]
         del self.nodes[node_id]
 
-    def process(self, node_id: int | None = None) -> None:
-        """Handle pending Readies (of one node, or all), as a real driver would."""
+    def process(self, node_id: int | None = None) -> list[Ready]:
+        """Handle pending Readies (of one node, or all), as a real driver would; return them."""
+        handled = []
         for i in [node_id] if node_id is not None else list(self.nodes):
             node = self.nodes.get(i)
             if node is None:
@@ -84,7 +86,10 @@ class MemoryBoard:
             self.queue.extend(rd.messages)
             st.apply(rd)
             self.read_states[i].extend(rd.read_states)
+            self.dropped_reads[i].extend(rd.dropped_reads)
             self.events[i].extend(rd.events)
+            handled.append(rd)
+        return handled
 
     def take(self, pred: Callable[[RaftMessage], bool]) -> RaftMessage:
         """Remove and return the first queued message matching ``pred``."""

@@ -69,7 +69,7 @@ class LedgerNode:
         self.log = log
         rec = storage.load()
         self.raft = RaftNode(node_id, members, hard_state=rec.hard_state, entries=rec.entries,
-                             applied=rec.applied, config=raft_config, rng=rng)
+                             applied=rec.applied, config=raft_config, rng=rng, loader=storage.entries)
         self.state = LedgerState(storage, rec.balances, rec.head, rec.applied)
         self.out = Outbox()
         self.pending: list[Transfer] = []

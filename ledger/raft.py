@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from ledger.log import RaftLog
+from ledger.log import Loader, RaftLog
 from ledger.messages import (
     AppendEntriesMessage,
     AppendEntriesResponse,
@@ -50,6 +50,9 @@ class RaftConfig:
     max_append_entries: int = 64
     max_append_bytes: int = 2 * 1024 * 1024
     max_inflight_entries: int = 1024
+    # Applied entries kept in memory for followers that lag a little; older ones are read back
+    # through the log's loader (storage), so memory stays flat however long the log grows.
+    log_window: int = 1024
     # Pre-vote (dissertation 9.6): a node asks whether it could win before it bumps its term,
     # so a node coming back from a partition does not depose a healthy leader (raft-cases C10).
     pre_vote: bool = True
@@ -104,12 +107,13 @@ class RaftNode:
         applied: int = 0,
         config: RaftConfig = RaftConfig(),
         rng: random.Random | None = None,
+        loader: Loader | None = None,
     ) -> None:
         self.id = node_id
         self.peers = tuple(sorted(p for p in peers if p != node_id))
         self.config = config
         self.rng = rng or random.Random()
-        self.log = RaftLog(entries)
+        self.log = RaftLog(entries, loader)
         self.term = hard_state.term
         self.voted_for = hard_state.voted_for
         if self.log.last_term > self.term:
@@ -256,6 +260,7 @@ class RaftNode:
         if self.commit_index > self.applied:
             rd.committed = self.log.slice(self.applied + 1, self.commit_index)
             self.applied = self.commit_index
+            self.log.release(min(self.applied, self._stable_index) - self.config.log_window)
         return rd
 
     # ---- roles -------------------------------------------------------------------------------

@@ -167,6 +167,14 @@ class Storage:
         return Recovered(HardState(term, voted), entries, self._meta("applied") or 0, balances,
                          self.head())
 
+    def entries(self, first: int, last: int) -> list[Entry]:
+        """Stored log entries first..last (the Raft log's loader for entries out of memory)."""
+        return [
+            Entry(index=i, term=t, kind=EntryKind(k), data=d)
+            for i, t, k, d in self.db.execute(
+                "SELECT idx, term, kind, data FROM log WHERE idx BETWEEN ? AND ? ORDER BY idx", (first, last))
+        ]
+
     def last_log_id(self) -> tuple[int, int]:
         """(term, index) of the last stored log entry; (0, 0) for an empty log."""
         row = self.db.execute("SELECT term, idx FROM log ORDER BY idx DESC LIMIT 1").fetchone()

@@ -135,18 +135,8 @@ def seeded_board(
 
 
 def drive(board: MemoryBoard, node_id: int) -> Ready:
-    """``board.process(node_id)`` that also returns the Ready (to see e.g. ``dropped_reads``)."""
-    node = board.nodes[node_id]
-    rd = node.ready()
-    st = board.storage[node_id]
-    board.queue.extend(rd.early_messages)
-    st.save(rd)
-    node.persisted(rd)
-    board.queue.extend(rd.messages)
-    st.apply(rd)
-    board.read_states[node_id].extend(rd.read_states)
-    board.events[node_id].extend(rd.events)
-    return rd
+    """``board.process(node_id)``, returning the Ready it handled (to see e.g. ``dropped_reads``)."""
+    return board.process(node_id)[0]
 
 
 def fire(board: MemoryBoard, node_id: int) -> None:
