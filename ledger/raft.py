@@ -307,17 +307,7 @@ class RaftNode:
         if not self.peers:
             self._campaign()
             return
-        for p in self.peers:
-            self._send(
-                RequestVoteMessage(
-                    src=self.id,
-                    dst=p,
-                    term=self.term + 1,
-                    last_log_index=self.log.last_index,
-                    last_log_term=self.log.last_term,
-                    pre_vote=True,
-                )
-            )
+        self._request_votes(self.term + 1, pre_vote=True)
 
     def _campaign(self) -> None:
         self.term += 1
@@ -329,14 +319,18 @@ class RaftNode:
         if not self.peers:
             self._become_leader()
             return
+        self._request_votes(self.term, pre_vote=False)
+
+    def _request_votes(self, term: int, pre_vote: bool) -> None:
         for p in self.peers:
             self._send(
                 RequestVoteMessage(
                     src=self.id,
                     dst=p,
-                    term=self.term,
+                    term=term,
                     last_log_index=self.log.last_index,
                     last_log_term=self.log.last_term,
+                    pre_vote=pre_vote,
                 )
             )
 

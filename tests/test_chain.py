@@ -10,6 +10,8 @@ import hashlib
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ledger.chain import (
     ZERO_HASH,
@@ -19,6 +21,7 @@ from ledger.chain import (
     genesis_block,
     make_block,
     merkle_root,
+    transfer_leaf,
     verify_block,
     verify_chain,
 )
@@ -349,3 +352,18 @@ def test_genesis_with_nonzero_prev_hash_is_rejected():
     with pytest.raises(ChainError) as info:
         verify_block(g, None)
     assert info.value.height == 0
+
+
+@given(
+    tx_id=st.from_regex(r"[A-Za-z0-9_.:@-]{1,64}", fullmatch=True),
+    sender=st.from_regex(r"[A-Za-z0-9_.:@-]{1,64}", fullmatch=True),
+    recipient=st.from_regex(r"[A-Za-z0-9_.:@-]{1,64}", fullmatch=True),
+    amount=st.integers(min_value=-(10**16), max_value=10**16),
+    rejected=st.booleans(),
+)
+def test_transfer_leaf_is_exactly_canonical(tx_id: str, sender: str, recipient: str, amount: int,
+                                            rejected: bool) -> None:
+    status, reason = ("rejected", f"unknown sender {sender}") if rejected else ("committed", None)
+    doc = {"tx_id": tx_id, "sender": sender, "recipient": recipient, "amount": amount,
+           "status": status, "reason": reason}
+    assert transfer_leaf(tx_id, sender, recipient, amount, status, reason) == canonical(doc)

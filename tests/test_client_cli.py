@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
 from ledger.client import EXIT_UNAVAILABLE, EXIT_USAGE, build_parser, main
+from ledger.cluster import free_ports
 
 
 def run(argv: list[str]) -> int:
@@ -26,19 +26,6 @@ def one_line_error(capsys) -> str:
     assert len(lines) == 1, err
     assert "error" in lines[0]
     return lines[0]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def dead_cluster(tmp_path: Path, n: int = 2) -> Path:
