@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 
 import zmq
@@ -33,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except StorageError as exc:
         print(f"run_node.py: error: node {args.node_id}: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.DatabaseError as exc:
+        # SQLite trims a torn tail itself; damage in the middle of the file ends up here.
+        print(f"run_node.py: error: node {args.node_id}: {cfg.node_dir(args.node_id)} is damaged: {exc}; "
+              "refusing to start", file=sys.stderr)
         return 1
     except zmq.ZMQError as exc:
         print(f"run_node.py: error: node {args.node_id}: cannot bind {cfg.nodes[args.node_id]}: {exc}",

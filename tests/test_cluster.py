@@ -142,3 +142,26 @@ def test_tampered_chain_stops_the_node_naming_the_height(cluster: LocalCluster) 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "height 2" in lines[0] and "merkle root" in lines[0]
+
+
+def test_damage_in_the_middle_of_the_store_stops_the_node(cluster: LocalCluster) -> None:
+    acked: Counter[str] = Counter()
+    with cluster.client() as client:
+        cluster.wait_leader(client)
+        submit_many(client, 20, 0, acked)
+    cluster.stop_all()
+    db = cluster.cfg.node_dir(2) / "node.db"
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything into the main file
+    con.close()
+    raw = bytearray(db.read_bytes())
+    assert len(raw) > 3 * 4096
+    raw[4096 : 3 * 4096] = b"\xff" * (2 * 4096)  # pages in the middle, not a torn tail
+    db.write_bytes(bytes(raw))
+    proc = subprocess.run(
+        [sys.executable, str(RUN_NODE), "2", "--config", str(cluster.config_path), "--quiet"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "damaged" in lines[0] and "refusing to start" in lines[0], proc.stderr
