@@ -44,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_node.py: error: node {args.node_id}: cannot bind {cfg.nodes[args.node_id]}: {exc}",
               file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"run_node.py: error: node {args.node_id}: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 1
+    except (TypeError, ValueError, KeyError) as exc:
+        # Values in the store that no version of this program writes: damaged or edited by hand.
+        print(f"run_node.py: error: node {args.node_id}: {cfg.node_dir(args.node_id)} holds invalid data "
+              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); refusing to start",
+              file=sys.stderr)
+        return 1
     server.run()
     return 0
 

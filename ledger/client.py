@@ -252,8 +252,9 @@ def _name(kind: str) -> Any:
 
     def check(value: str) -> str:
         if not pattern.fullmatch(value):  # not match: its $ also accepts a trailing newline
+            shown = value if len(value) <= 70 else value[:64] + "..."
             raise argparse.ArgumentTypeError(
-                f"invalid {kind} {value!r}: use 1-64 letters, digits or _ . : @ -")
+                f"invalid {kind} {shown!r}: use 1-64 letters, digits or _ . : @ -")
         return value
 
     return check
@@ -261,9 +262,12 @@ def _name(kind: str) -> Any:
 
 def _amount(value: str) -> int:
     try:
-        return int(value, 10)
+        amount = int(value, 10)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"amount must be a whole number, not {value!r}") from None
+        raise argparse.ArgumentTypeError(f"amount must be a whole number, not {value[:40]!r}") from None
+    if not -(2**63) <= amount < 2**63:
+        raise argparse.ArgumentTypeError("amount must fit in 64 bits")
+    return amount
 
 
 def _height(value: str) -> int:

@@ -112,6 +112,8 @@ def load_config(path: str | Path | None = None) -> ClusterConfig:
         if len(nodes) != len(raw["nodes"]):  # e.g. "1" and "01": one node would silently vanish
             raise ConfigError(f"{p}: nodes: a node id is given twice")
         raw["nodes"] = nodes
+    raw.setdefault("data_dir", "data")  # omitted dirs, too, sit next to the file, not the cwd
+    raw.setdefault("log_dir", "logs")
     for key in ("data_dir", "log_dir"):
         if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
             raw[key] = str(p.resolve().parent / raw[key])

@@ -46,14 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.transfers < 2:
         p.error("--transfers must be at least 2")
-    shutil.rmtree(args.dir, ignore_errors=True)
+    if args.dir.exists() and any(args.dir.iterdir()) and not (args.dir / "cluster.toml").exists():
+        p.error(f"{args.dir} exists and is not a demo directory; pick another --dir")
+    shutil.rmtree(args.dir, ignore_errors=True)  # a previous demo's data
     rng = random.Random(args.seed)
     counts = {"committed": 0, "rejected": 0}
     print(f"Starting a 3-node cluster in {args.dir}/ (logs in {args.dir}/logs/) ...")
     with LocalCluster(args.dir, nodes=3, genesis=GENESIS) as cluster, cluster.client() as client:
         try:
             leader = cluster.wait_leader(client)
-            print(f"Node {leader} is the leader. Streaming {args.transfers} transfers:")
+            print(f"Node {leader} is the leader. Streaming {args.transfers} transfers (and one more "
+                  "right after the failover):")
             half = args.transfers // 2
             started = time.monotonic()
             stream(client, rng, 0, half, args.transfers, started, counts)

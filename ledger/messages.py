@@ -53,7 +53,8 @@ class Transfer(BaseModel):
     tx_id: TxId
     sender: AccountName
     recipient: AccountName
-    amount: StrictInt
+    # Any 64-bit integer: the ledger rejects amounts <= 0 or above its maximum, with a reason.
+    amount: Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
 
 
 # ---- Raft messages (node to node, one-way; a reply is a new message) -------------------------

@@ -398,6 +398,13 @@ class RaftNode:
             self._become_leader()
 
     def _on_append(self, m: AppendEntriesMessage) -> None:
+        prev_term = m.prev_log_term
+        for k, e in enumerate(m.entries):
+            if e.index != m.prev_log_index + 1 + k or not prev_term <= e.term <= m.term:
+                # Not what a leader sends (entries follow prev, terms never decrease).
+                self._event("message_ignored", reason="malformed entries", src=m.src)
+                return
+            prev_term = e.term
         if isinstance(self.role, Leader):
             # Two leaders in one term would break election safety; never accept.
             self._event("append_rejected", reason="second leader in term", src=m.src)
@@ -450,6 +457,12 @@ class RaftNode:
         if not isinstance(self.role, Leader):
             return
         pr = self.role.progress[m.src]
+        last = self.log.last_index
+        if m.match_index > last or m.reject_index > last or m.seq > self.role.seq:
+            # No correct follower acknowledges what we never sent; do not let it move commit.
+            self._event("message_ignored", reason="acknowledges entries never sent", src=m.src,
+                        match_index=m.match_index, last_index=last)
+            return
         if m.seq > pr.acked_seq:
             pr.acked_seq = m.seq
         if m.success:
@@ -459,17 +472,23 @@ class RaftNode:
             pr.probing = False
             self._maybe_commit()
         else:
-            # C06: a rejection about an index we already moved past is stale; ignore it.
-            if pr.probing and m.reject_index != pr.next_index - 1:
-                pass
-            elif not pr.probing and m.reject_index <= pr.match_index:
+            # C06: a rejection about an index we already moved past is stale; ignore it. One of
+            # the append we would send now (prev = next_index - 1) is current, even at or below
+            # match_index: then the follower lost entries it had acknowledged.
+            current = m.reject_index == pr.next_index - 1
+            if not current and (pr.probing or m.reject_index <= pr.match_index):
                 pass
             else:
                 if m.conflict_term:
-                    last = self.log.last_index_of_term(m.conflict_term)
-                    hint = last + 1 if last else m.conflict_index
+                    held = self.log.last_index_of_term(m.conflict_term)
+                    hint = held + 1 if held else m.conflict_index
                 else:
                     hint = m.conflict_index
+                    if 1 <= hint <= pr.match_index:
+                        # Its log is now shorter than what it acknowledged: its disk lost data.
+                        # Start over from what it has, or we would probe the same index forever.
+                        self._event("follower_lost_entries", follower=m.src, had=pr.match_index, has=hint - 1)
+                        pr.match_index = hint - 1
                 pr.next_index = max(pr.match_index + 1, min(hint, m.reject_index), 1)
                 pr.probing = True
                 self._send_append(m.src, pr)

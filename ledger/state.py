@@ -60,8 +60,15 @@ def _valid_row(row: object) -> bool:
 
 
 def decode_batch(data: bytes) -> tuple[int, list[Transfer | None]]:
-    """The leader's timestamp and the transfers; a malformed record decodes to None."""
-    ts, rows = msgpack.unpackb(data, raw=False)
+    """The leader's timestamp and the transfers; a malformed record decodes to None.
+
+    A batch that does not decode at all is empty, the same way on every node."""
+    try:
+        ts, rows = msgpack.unpackb(data, raw=False)
+    except Exception:  # msgpack raises several unrelated types on garbage
+        return 0, []
+    if type(ts) is not int or type(rows) is not list:
+        return 0, []
     return ts, [
         Transfer.model_construct(tx_id=r[0], sender=r[1], recipient=r[2], amount=r[3]) if _valid_row(r) else None
         for r in rows

@@ -195,12 +195,15 @@ class Storage:
         return [_block_from_row(r[0]) for r in rows]
 
     def verify_chain(self) -> int:
-        """Check every stored block's hash, Merkle root and link; return the chain height.
+        """Check every stored block's hash, Merkle root and link, and that the balances, results
+        and applied index stored beside the chain are the ones it implies; return its height.
 
-        Raises ChainError naming the first bad height.
+        Raises ChainError naming the first bad height, or StorageError.
         """
         prev: Block | None = None
         expected = 0
+        balances: dict[str, int] = {}
+        results = 0
         for height, stored_hash, doc in self.db.execute("SELECT height, hash, doc FROM blocks ORDER BY height"):
             if height != expected:
                 raise ChainError(expected, "block missing")
@@ -215,8 +218,26 @@ class Storage:
             verify_block(block, prev)
             if block.hash != stored_hash:
                 raise ChainError(height, "stored hash or height does not match the block")
+            if height == 0:
+                balances = {tx["account"]: tx["balance"] for tx in block.txs}
+            for tx in block.txs if height else ():
+                results += 1
+                if tx["status"] == "committed":
+                    balances[tx["sender"]] = balances.get(tx["sender"], 0) - tx["amount"]
+                    balances[tx["recipient"]] = balances.get(tx["recipient"], 0) + tx["amount"]
             prev = block
             expected += 1
+        if prev is None:
+            raise ChainError(0, "no genesis block")
+        stored = dict(self.db.execute("SELECT name, balance FROM accounts").fetchall())
+        if stored != balances:
+            wrong = sorted(k for k in stored.keys() | balances.keys() if stored.get(k) != balances.get(k))
+            raise StorageError(f"stored balances differ from the chain's (first: {wrong[0]})")
+        if self.db.execute("SELECT count(*) FROM txs").fetchone()[0] != results:
+            raise StorageError("stored transfer results differ from the chain's")
+        applied = self._meta("applied")
+        if type(applied) is not int or applied < prev.index:
+            raise StorageError(f"applied index {applied!r} is behind the chain's head (log index {prev.index})")
         return expected - 1
 
     # ---- internals -------------------------------------------------------------------------------

@@ -53,8 +53,8 @@ def test_valid_file_loads(tmp_path):
 def test_defaults(tmp_path):
     cfg = load_config(write(tmp_path, NODES + GENESIS))
     assert (cfg.tick_ms, cfg.heartbeat_ms, cfg.election_timeout_ms) == (10, 50, (300, 600))
-    # default relative dirs are not rewritten; only those given in the file are
-    assert cfg.data_dir == Path("data")
+    # omitted dirs sit next to the file too, whatever the working directory
+    assert (cfg.data_dir, cfg.log_dir) == (tmp_path / "data", tmp_path / "logs")
 
 
 def test_relative_dirs_resolve_against_the_file(tmp_path, monkeypatch):

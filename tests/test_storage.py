@@ -466,3 +466,25 @@ def test_c13_writer_killed_mid_transaction(tmp_path):
     assert s.verify_chain() == 0
     assert s.db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     s.close()
+
+
+# ---- state beside the chain must be the chain's ------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("DELETE FROM blocks WHERE height = (SELECT max(height) FROM blocks)", "stored balances differ"),
+    ("UPDATE accounts SET balance = 999999 WHERE name = 'carol'", r"stored balances differ from the chain's \(first: carol\)"),
+    ("DELETE FROM txs WHERE tx_id = 't3'", "stored transfer results differ"),
+    ("UPDATE meta SET v = 1 WHERE k = 'applied'", "applied index 1 is behind the chain's head"),
+])
+def test_verify_refuses_state_that_disagrees_with_the_chain(db_path, edit: str, message: str) -> None:
+    s = Storage(db_path, GENESIS)
+    st = state_of(s)
+    with s.transaction():
+        s.save_entries(1, entries_1_to_4())
+        for e in entries_1_to_4():
+            st.apply(e)
+    assert s.verify_chain() == 3
+    s.db.execute(edit)
+    with pytest.raises(StorageError, match=message):
+        s.verify_chain()
