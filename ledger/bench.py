@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--clients and --count must be positive, --duration positive, --accounts at least 2")
     record: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     results: list[Result] = []
-    counts = [1, 4, 16, 64, 128, 256] if args.sweep else [args.clients]
+    counts = [1, 16, 64, 256, 512, 1024] if args.sweep else [args.clients]
     for c in counts:
         for _ in range(args.rounds):
             results.append(bench_ours(args.nodes, c, args.duration, args.count, args.accounts))
@@ -516,6 +516,7 @@ def _plot(results: list[Result], path: str) -> None:
     ax2.legend(loc="lower right")
     ax1.set_title("3-node cluster, fsync on (2 cores)")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
 

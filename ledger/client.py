@@ -171,6 +171,11 @@ class LedgerClient:
         if isinstance(reply, ErrorReply):
             raise ValueError(reply.error)
         assert isinstance(reply, SubmitReply)
+        asked = f"{sender}>{recipient}:{amount}"
+        if reply.transfer and reply.transfer != asked:
+            # The id was taken by another transfer (perhaps in the same batch): this one was not applied.
+            return reply.model_copy(update={
+                "status": "rejected", "reason": f"transfer id {t.tx_id} was already used for {reply.transfer}"})
         return reply
 
     def balance(self, account: str) -> BalanceReply:
@@ -193,8 +198,9 @@ class LedgerClient:
         """Blocks start..end (inclusive; end None = head) of one node, fetched page by page."""
         h = start
         while end is None or h <= end:
+            # A page of big blocks takes a while to read and send, but never beyond --timeout.
             reply = self.request(node_id, ChainRequest(req_id=uuid.uuid4().hex, start=h, end=end),
-                                 timeout=max(self.request_timeout, 5.0))
+                                 timeout=min(self.deadline, max(self.request_timeout, 5.0)))
             if not isinstance(reply, ChainReply):
                 raise ClusterUnavailable(f"node {node_id} did not answer a chain request")
             if not reply.blocks:

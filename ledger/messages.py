@@ -141,6 +141,8 @@ class SubmitReply(ClientReply):
     reason: str | None = None
     height: int
     block_hash: str
+    # The transfer this id was applied with, as "sender>recipient:amount".
+    transfer: str = ""
 
 
 class BalanceReply(ClientReply):

@@ -242,4 +242,5 @@ class LedgerNode:
 def _submit_reply(req_id: str, tx_id: str, r: TxResult) -> SubmitReply:
     # Built from our own stored result: no validation needed on this hot path.
     return SubmitReply.model_construct(v=1, type="submit_reply", req_id=req_id, tx_id=tx_id, status=r.status,
-                                       reason=r.reason, height=r.height, block_hash=r.block_hash)
+                                       reason=r.reason, height=r.height, block_hash=r.block_hash,
+                                       transfer=r.transfer)

@@ -8,7 +8,7 @@ their reason); a transfer id that was already applied is skipped and keeps its f
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import re
@@ -27,6 +27,13 @@ class TxResult:
     reason: str | None
     height: int
     block_hash: str
+    # "sender>recipient:amount" of the transfer the id was first applied with; a later use of
+    # the id for a different transfer is refused with it.
+    transfer: str = field(default="", compare=False)
+
+
+def transfer_key(t: Transfer) -> str:
+    return f"{t.sender}>{t.recipient}:{t.amount}"
 
 
 class StateStore(Protocol):
@@ -112,13 +119,20 @@ class LedgerState:
         ts, transfers = decode_batch(entry.data)
         docs: list[dict] = []
         leaves: list[bytes] = []
-        outcomes: list[tuple[str, str | None]] = []
+        outcomes: list[tuple[Transfer, str | None]] = []
         changed: dict[str, int] = {}
         # Retries of ids applied before keep, and report, their first result (one query a batch).
         earlier = self.store.tx_results([t.tx_id for t in transfers if t is not None])
         seen: set[str] = set(earlier)
         for t in transfers:
-            if t is None or t.tx_id in seen:
+            if t is None:
+                continue
+            first = earlier.get(t.tx_id)
+            if first is not None and first.transfer != transfer_key(t):
+                earlier[t.tx_id] = TxResult(
+                    "rejected", f"transfer id {t.tx_id} was already used for {first.transfer}",
+                    first.height, first.block_hash, first.transfer)
+            if t.tx_id in seen:
                 continue
             seen.add(t.tx_id)
             reason = check_transfer(t, self.balances)
@@ -128,7 +142,7 @@ class LedgerState:
                 changed[t.sender] = self.balances[t.sender]
                 changed[t.recipient] = self.balances[t.recipient]
             status = "committed" if reason is None else "rejected"
-            outcomes.append((t.tx_id, reason))
+            outcomes.append((t, reason))
             docs.append({"tx_id": t.tx_id, "sender": t.sender, "recipient": t.recipient,
                          "amount": t.amount, "status": status, "reason": reason})
             leaves.append(transfer_leaf(t.tx_id, t.sender, t.recipient, t.amount, status, reason))
@@ -138,8 +152,9 @@ class LedgerState:
         block = make_block(self.head.height + 1, self.head.hash, entry.term, entry.index, ts, docs, leaves)
         self.head = block
         results = {
-            tx_id: TxResult("committed" if reason is None else "rejected", reason, block.height, block.hash)
-            for tx_id, reason in outcomes
+            t.tx_id: TxResult("committed" if reason is None else "rejected", reason, block.height, block.hash,
+                              transfer_key(t))
+            for t, reason in outcomes
         }
         self.store.put_applied(entry.index, block, results, changed)
         return block, {**earlier, **results}

@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, term INTEGER NOT NULL,
                                 kind TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks (height INTEGER PRIMARY KEY, hash TEXT NOT NULL, doc BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS txs (tx_id TEXT PRIMARY KEY, status TEXT NOT NULL, reason TEXT,
-                                height INTEGER NOT NULL, block_hash TEXT NOT NULL) WITHOUT ROWID;
+                                height INTEGER NOT NULL, block_hash TEXT NOT NULL,
+                                transfer TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS accounts (name TEXT PRIMARY KEY, balance INTEGER NOT NULL) WITHOUT ROWID;
 """
 
@@ -118,7 +119,7 @@ class Storage:
 
     def tx_result(self, tx_id: str) -> TxResult | None:
         row = self.db.execute(
-            "SELECT status, reason, height, block_hash FROM txs WHERE tx_id = ?", (tx_id,)
+            "SELECT status, reason, height, block_hash, transfer FROM txs WHERE tx_id = ?", (tx_id,)
         ).fetchone()
         return TxResult(*row) if row else None
 
@@ -129,7 +130,8 @@ class Storage:
             chunk = tx_ids[k : k + _SQL_VARS]
             marks = ",".join("?" * len(chunk))
             for tx_id, *row in self.db.execute(
-                f"SELECT tx_id, status, reason, height, block_hash FROM txs WHERE tx_id IN ({marks})", chunk
+                f"SELECT tx_id, status, reason, height, block_hash, transfer FROM txs WHERE tx_id IN ({marks})",
+                chunk,
             ):
                 out[tx_id] = TxResult(*row)
         return out
@@ -140,8 +142,8 @@ class Storage:
             self._put_block(block)
         if results:
             self.db.executemany(
-                "INSERT INTO txs VALUES (?, ?, ?, ?, ?)",
-                [(k, r.status, r.reason, r.height, r.block_hash) for k, r in results.items()],
+                "INSERT INTO txs VALUES (?, ?, ?, ?, ?, ?)",
+                [(k, r.status, r.reason, r.height, r.block_hash, r.transfer) for k, r in results.items()],
             )
         if balances:
             self.db.executemany(

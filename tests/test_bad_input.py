@@ -146,6 +146,16 @@ def test_resubmitted_transfer_id_pays_once(client: LedgerClient) -> None:
     assert client.balance("bob").balance == before + 3
 
 
+def test_transfer_id_reused_for_another_transfer_is_refused(client: LedgerClient) -> None:
+    before = client.balance("bob").balance
+    first = client.submit("alice", "bob", 2, tx_id="reuse-1")
+    other = client.submit("alice", "carol", 7, tx_id="reuse-1")
+    assert first.status == "committed" and first.transfer == "alice>bob:2"
+    assert other.status == "rejected"
+    assert other.reason == "transfer id reuse-1 was already used for alice>bob:2"
+    assert client.balance("bob").balance == before + 2 and client.balance("carol").balance == 0
+
+
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
 
