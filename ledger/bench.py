@@ -232,7 +232,7 @@ def run_workers(endpoints: dict[int, str], clients: int, duration: float, count:
     while any(p.poll() is None for p, _ in procs):
         if progress:
             el = time.monotonic() - t0
-            frac = min(1.0, el / duration) if count is None else 0.0
+            frac = min(1.0, el / duration)
             bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
             sys.stderr.write(f"\r  {label:<10} [{bar}] {el:5.1f}s ")
             sys.stderr.flush()
@@ -451,11 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     results: list[Result] = []
     counts = [1, 16, 64, 256, 512, 1024] if args.sweep else [args.clients]
+    duration = args.duration if args.count is None else 1e9  # --count: run until all are answered
     for c in counts:
         for _ in range(args.rounds):
-            results.append(bench_ours(args.nodes, c, args.duration, args.count, args.accounts))
+            results.append(bench_ours(args.nodes, c, duration, args.count, args.accounts))
             if args.compare:
-                results.append(bench_pysyncobj(args.nodes, c, args.duration, args.count, args.accounts))
+                results.append(bench_pysyncobj(args.nodes, c, duration, args.count, args.accounts))
     print(table(results))
     record["results"] = [asdict(r) for r in results]
     if args.compare:

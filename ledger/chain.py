@@ -80,7 +80,9 @@ class Block(BaseModel):
         """``canonical(to_doc())``, assembled from the leaves when make_block built them."""
         if self._leaves is None:
             return canonical(self.to_doc())
-        head = canonical({k: v for k, v in self.to_doc().items() if k != "txs"})
+        head = canonical({"hash": self.hash, "height": self.height, "index": self.index,
+                          "merkle_root": self.merkle_root, "prev_hash": self.prev_hash, "term": self.term,
+                          "timestamp": self.timestamp})
         return head[:-1] + b',"txs":[' + b",".join(self._leaves) + b"]}"
 
     # The canonical leaves, kept by make_block so storing the block does not encode them again.
