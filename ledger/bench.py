@@ -510,9 +510,10 @@ def _plot(results: list[Result], path: str) -> None:
         ax2.plot([r.clients for r in rs], [r.p99_ms for r in rs], "s--", color=colour, alpha=0.6,
                  label=f"{system} p99 ms")
     ax1.set_xscale("log", base=2)
+    ax2.set_yscale("log")  # latencies span milliseconds to seconds
     ax1.set_xlabel("concurrent clients (offered load)")
     ax1.set_ylabel("committed transfers / s")
-    ax2.set_ylabel("p99 latency (ms)")
+    ax2.set_ylabel("p99 latency (ms, log scale)")
     ax1.legend(loc="upper left")
     ax2.legend(loc="lower right")
     ax1.set_title("3-node cluster, fsync on (2 cores)")
