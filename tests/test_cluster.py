@@ -120,12 +120,27 @@ def test_restart_whole_cluster_keeps_everything(cluster: LocalCluster) -> None:
         assert client.verify().ok
 
 
-def test_tampered_chain_stops_the_node_naming_the_height(cluster: LocalCluster) -> None:
-    acked: Counter[str] = Counter()
+def fill_and_stop(cluster: LocalCluster, transfers: int) -> None:
     with cluster.client() as client:
         cluster.wait_leader(client)
-        submit_many(client, 5, 0, acked)
+        submit_many(client, transfers, 0, Counter())
     cluster.stop_all()
+
+
+def start_refused(cluster: LocalCluster, node: int) -> str:
+    """Start ``node`` by hand, expect it to refuse with exit 1; return its one-line error."""
+    proc = subprocess.run(
+        [sys.executable, str(RUN_NODE), str(node), "--config", str(cluster.config_path), "--quiet"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_tampered_chain_stops_the_node_naming_the_height(cluster: LocalCluster) -> None:
+    fill_and_stop(cluster, 5)
     db = cluster.cfg.node_dir(1) / "node.db"
     con = sqlite3.connect(db)
     doc = con.execute("SELECT doc FROM blocks WHERE height = 2").fetchone()[0]
@@ -134,22 +149,12 @@ def test_tampered_chain_stops_the_node_naming_the_height(cluster: LocalCluster) 
     con.execute("UPDATE blocks SET doc = ? WHERE height = 2", (tampered,))
     con.commit()
     con.close()
-    proc = subprocess.run(
-        [sys.executable, str(RUN_NODE), "1", "--config", str(cluster.config_path), "--quiet"],
-        capture_output=True, text=True, timeout=30,
-    )
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "height 2" in lines[0] and "merkle root" in lines[0]
+    error = start_refused(cluster, 1)
+    assert "height 2" in error and "merkle root" in error
 
 
 def test_damage_in_the_middle_of_the_store_stops_the_node(cluster: LocalCluster) -> None:
-    acked: Counter[str] = Counter()
-    with cluster.client() as client:
-        cluster.wait_leader(client)
-        submit_many(client, 20, 0, acked)
-    cluster.stop_all()
+    fill_and_stop(cluster, 20)
     db = cluster.cfg.node_dir(2) / "node.db"
     con = sqlite3.connect(db)
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything into the main file
@@ -158,10 +163,5 @@ def test_damage_in_the_middle_of_the_store_stops_the_node(cluster: LocalCluster)
     assert len(raw) > 3 * 4096
     raw[4096 : 3 * 4096] = b"\xff" * (2 * 4096)  # pages in the middle, not a torn tail
     db.write_bytes(bytes(raw))
-    proc = subprocess.run(
-        [sys.executable, str(RUN_NODE), "2", "--config", str(cluster.config_path), "--quiet"],
-        capture_output=True, text=True, timeout=30,
-    )
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "damaged" in lines[0] and "refusing to start" in lines[0], proc.stderr
+    error = start_refused(cluster, 2)
+    assert "damaged" in error and "refusing to start" in error
