@@ -55,6 +55,10 @@ class Violation(Exception):
     pass
 
 
+class _Killed(Exception):
+    """A node was killed in the middle of handling its Ready (between sending and its fsync)."""
+
+
 class _Recorder:
     """A structlog-shaped logger that writes node events into the simulation trace."""
 
@@ -224,7 +228,11 @@ class Simulation:
     def _flush(self, sn: SimNode, before: tuple[int, int | None, str, int | None]) -> None:
         """Handle the node's Ready, check invariants, and send (unless it crashes first)."""
         assert sn.ledger is not None
-        out = sn.ledger.flush(self.now + sn.offset_ms)
+        try:
+            out = sn.ledger.flush(self.now + sn.offset_ms)
+        except _Killed:
+            self._bounce(sn.id)  # its early appends left; nothing of this Ready reached its disk
+            return
         self._check_node(sn)
         # Crashes are likelier at the instants that matter (BUGGIFY-style).
         p = CRASH_P if self._moment(sn) == before else self.hot_crash_p
@@ -232,22 +240,26 @@ class Simulation:
         if fault < p:
             self._bounce(sn.id)  # crash after the fsync, before anything was sent
             return
-        for m in out.peers:
-            if isinstance(m, RequestVoteResponse) and m.granted and not m.pre_vote:
-                # One vote per term, even across crashes (raft-cases C02).
-                voted = self.votes.setdefault((sn.id, m.term), m.dst)
-                if voted != m.dst:
-                    self.fail(f"n{sn.id} voted for n{voted} and n{m.dst} in term {m.term}")
-            self.send(f"n{sn.id}", f"n{m.dst}", m)
+        self._send_peers(sn.id, out.peers)
         for client, reply in out.clients:
             self.send(f"n{sn.id}", str(client), reply)
         if p <= fault < 2 * p:
             self._bounce(sn.id)  # crash right after sending
 
-    def _send_early(self, node_id: int, msgs: list[RaftMessage]) -> None:
-        """A leader's appends leave before its own fsync, so a crash can lose its copy only."""
+    def _send_peers(self, node_id: int, msgs: list[RaftMessage]) -> None:
         for m in msgs:
+            if isinstance(m, RequestVoteResponse) and m.granted and not m.pre_vote:
+                # One vote per term, even across crashes (raft-cases C02).
+                voted = self.votes.setdefault((node_id, m.term), m.dst)
+                if voted != m.dst:
+                    self.fail(f"n{node_id} voted for n{voted} and n{m.dst} in term {m.term}")
             self.send(f"n{node_id}", f"n{m.dst}", m)
+
+    def _send_early(self, node_id: int, msgs: list[RaftMessage]) -> None:
+        """A leader's appends leave before its own fsync: a crash right then loses its copy only."""
+        self._send_peers(node_id, msgs)
+        if msgs and self.faults and not self.stopping and self.rng.random() < self.hot_crash_p / 4:
+            raise _Killed
 
     def _bounce(self, node_id: int) -> None:
         """Crash, and mostly come back soon, as a supervised process would."""

@@ -141,3 +141,36 @@ def test_linearizability_checker_accepts_and_rejects() -> None:
     b = _transfer("b", "alice", "bob", 1, 10, 15, "committed")
     assert sim.check_linearizable([a, b], _chain(("b", "alice", "bob", 1), ("a", "alice", "bob", 1))) is not None
     assert sim.check_linearizable([a, b], _chain(("a", "alice", "bob", 1), ("b", "alice", "bob", 1))) is None
+
+
+def send_everything_before_fsync(self: raft.RaftNode, m: object) -> None:
+    """Votes and acknowledgements leave before the fsync they depend on, like appends do."""
+    self._ready.early_messages.append(m)  # type: ignore[arg-type]
+
+
+def test_teeth_acknowledge_before_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(raft.RaftNode, "_send", send_everything_before_fsync)
+    found = first_violation(range(100))
+    assert found is not None and ("could win an election" in found or "voted for" in found
+                                  or "safety" in found), found
+
+
+def test_teeth_follower_commits_beyond_what_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Take leaderCommit as it comes, instead of min(leaderCommit, index of last new entry)."""
+    on_append = raft.RaftNode._on_append
+
+    def step(self: raft.RaftNode, m: AppendEntriesMessage) -> None:
+        on_append(self, m)
+        if self.commit_index < m.leader_commit <= self.log.last_index:
+            self.commit_index = m.leader_commit
+
+    monkeypatch.setattr(raft.RaftNode, "_on_append", step)
+    found = first_violation(range(100))
+    assert found is not None and "safety" in found, found
+
+
+def test_teeth_vote_without_the_election_restriction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(raft.RaftLog, "is_up_to_date", lambda self, index, term: True)
+    found = first_violation(range(100))
+    assert found is not None and ("leader completeness" in found or "could win" in found
+                                  or "safety" in found), found
