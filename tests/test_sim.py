@@ -174,3 +174,18 @@ def test_teeth_vote_without_the_election_restriction(monkeypatch: pytest.MonkeyP
     found = first_violation(range(100))
     assert found is not None and ("leader completeness" in found or "could win" in found
                                   or "safety" in found), found
+
+
+def test_teeth_new_leader_reads_before_its_own_term_commits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """raft-cases C08: a new leader's commitIndex may lag what was committed; it must not serve reads yet."""
+    def release_reads(self: raft.RaftNode) -> None:
+        role = self.role
+        if not isinstance(role, raft.Leader) or not role.pending_reads:
+            return
+        confirmed = sorted([role.seq, *(pr.acked_seq for pr in role.progress.values())], reverse=True)[self.quorum - 1]
+        self._ready.read_states.extend((ctx, self.commit_index) for ctx, seq in role.pending_reads if seq <= confirmed)
+        role.pending_reads = [(ctx, seq) for ctx, seq in role.pending_reads if seq > confirmed]
+
+    monkeypatch.setattr(raft.RaftNode, "_release_reads", release_reads)
+    found = first_violation(range(300))
+    assert found is not None and "linearizability" in found, found
