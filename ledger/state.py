@@ -11,12 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-import re
-
 import msgpack
 
 from ledger.chain import Block, make_block, transfer_leaf
-from ledger.messages import NAME_PATTERN, Entry, EntryKind, Transfer
+from ledger.messages import Entry, EntryKind, Transfer, valid_name
 
 MAX_AMOUNT = 10**15  # keeps every balance inside SQLite's 64-bit integers
 
@@ -52,16 +50,13 @@ def encode_batch(timestamp_ms: int, transfers: Sequence[Transfer]) -> bytes:
     )
 
 
-_NAME = re.compile(NAME_PATTERN)
-
-
 def _valid_row(row: object) -> bool:
     # The same rules as the Transfer model, checked directly: this runs for every transfer
     # on every node, and pydantic validation was a tenth of the apply time.
     return (
         type(row) is list
         and len(row) == 4
-        and all(type(v) is str and _NAME.match(v) for v in row[:3])
+        and valid_name(row[0]) and valid_name(row[1]) and valid_name(row[2])
         and type(row[3]) is int
     )
 

@@ -13,6 +13,12 @@ import zmq
 
 from ledger.messages import MAX_MESSAGE_BYTES
 
+# Flags as plain ints: pyzmq's enum flags and its *_multipart helpers cost a few microseconds a
+# call, paid once per transfer on the reply path.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+
 PEER_SNDHWM = 1000  # Raft retransmits, so a small queue to a slow peer is enough
 RECV_BATCH = 2000  # frames drained per poll, so timers still run under load
 
@@ -60,16 +66,20 @@ class ZeroMQServer:
         out: list[list[bytes]] = []
         if not self.poller.poll(timeout_ms):
             return out
+        recv, more = self.router.recv, self.router.get
         for _ in range(RECV_BATCH):
             try:
-                out.append(self.router.recv_multipart(zmq.NOBLOCK))
+                frames = [recv(_NOBLOCK)]
             except zmq.Again:
                 break
+            while more(_RCVMORE):  # the rest of a message is there once its first part is
+                frames.append(recv(_NOBLOCK))
+            out.append(frames)
         return out
 
     def send_peer(self, peer: int, data: bytes) -> bool:
         try:
-            self.dealers[peer].send(data, zmq.NOBLOCK)
+            self.dealers[peer].send(data, _NOBLOCK)
         except zmq.Again:
             if peer not in self.unreachable:
                 self.unreachable.add(peer)
@@ -83,10 +93,13 @@ class ZeroMQServer:
     def reply(self, identity: bytes, data: bytes) -> bool:
         """Answer a client through the ROUTER; False if it is gone or not reading."""
         try:
-            self.router.send_multipart([identity, data], zmq.NOBLOCK)
-            return True
+            # Routing (and the high-water mark) is decided on the first part; the second part
+            # of a routed message is always taken.
+            self.router.send(identity, _NOBLOCK | _SNDMORE)
         except zmq.ZMQError:  # Again (queue full) or EHOSTUNREACH (client gone)
             return False
+        self.router.send(data)
+        return True
 
     def close(self) -> None:
         for d in self.dealers.values():
