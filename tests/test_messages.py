@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from ledger import messages
 from ledger.chain import genesis_block
 from ledger.messages import (
     MAX_MESSAGE_BYTES,
@@ -329,47 +328,3 @@ TYPES = sorted({m.type for m in EVERY_MESSAGE}) + ["nope"]  # type: ignore[attr-
      "success", "leader_commit", "prev_log_index", "prev_log_term", "blocks", "height", "x"]), values, max_size=8))
 def test_random_maps_with_a_valid_header_give_decode_error_or_a_message(tag, fields):
     _decode_or_error(msgpack.packb({"v": 1, "type": tag, **fields}, use_bin_type=True))
-
-
-_wire_ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what msgpack can carry
-_valid_names = st.from_regex(r"[A-Za-z0-9_.:@-]{1,64}", fullmatch=True)
-_names = st.one_of(_valid_names, _valid_names, _valid_names,  # mostly valid, so the fast path runs
-                   st.one_of(st.text(max_size=70), st.sampled_from(["ok\n", "a b", "", "x" * 65, "é"]), _wire_ints,
-                             st.none(), st.binary(max_size=5)))
-_amounts = st.one_of(_wire_ints, st.sampled_from([True, False, 1.0, "5", None, 2**63 - 1, 2**63, -(2**63)]))
-
-
-@settings(max_examples=600)
-@given(st.fixed_dictionaries({"tx_id": _names, "sender": _names, "recipient": _names, "amount": _amounts}),
-       st.one_of(st.text(max_size=70), _wire_ints, st.binary(max_size=3)),
-       st.sets(st.sampled_from(["tx_id", "sender", "recipient", "amount", "extra"]), max_size=2))
-def test_fast_submit_decoding_agrees_with_full_validation(transfer, req_id, toggle):
-    """Submits take a hand-written fast path; it must accept exactly what the model accepts."""
-    t = dict(transfer)
-    for key in toggle:  # drop a field, or add one the model forbids
-        if key in t:
-            del t[key]
-        else:
-            t[key] = 1
-    raw = {"v": 1, "type": "submit", "req_id": req_id, "transfer": t}
-    frame = msgpack.packb(raw, use_bin_type=True)
-    try:
-        expected = SubmitRequest.model_validate(msgpack.unpackb(frame, raw=False))
-    except Exception:
-        expected = None
-    try:
-        got = decode(frame)
-    except DecodeError:
-        got = None
-    assert got == expected
-    if got is not None:
-        assert type(got.transfer.amount) is int
-        assert encode(got) == encode(expected)
-        assert got.transfer.model_dump() == expected.transfer.model_dump()
-
-
-def test_a_well_formed_submit_takes_the_fast_path():
-    raw = raw_of(SubmitRequest(req_id="r", transfer=TRANSFER))
-    fast = messages._fast_submit(raw)
-    assert fast is not None and fast == SubmitRequest.model_validate(raw)
-    assert messages._fast_submit({**raw, "transfer": {**raw["transfer"], "sender": "al ice"}}) is None

@@ -62,10 +62,11 @@ def test_batch_round_trip():
 
 def test_malformed_rows_decode_to_none():
     data = msgpack.packb([7, [["ok", "alice", "bob", 1], ["bad id!", "alice", "bob", 1], ["short"],
-                             ["f", "alice", "bob", 1.5], 42, ["b", "alice", "bob", True]]])
+                             ["f", "alice", "bob", 1.5], 42, ["b", "alice", "bob", True],
+                             ["nl", "alice\n", "bob", 1], ["nl2", "alice", "bob\n", 1]]])
     ts, rows = decode_batch(data)
     assert ts == 7
-    assert rows == [T("ok", "alice", "bob", 1), None, None, None, None, None]
+    assert rows == [T("ok", "alice", "bob", 1), None, None, None, None, None, None, None]
 
 
 # ---- the rules ---------------------------------------------------------------------------------------
