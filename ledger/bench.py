@@ -54,6 +54,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         if node not in socks:
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RCVHWM, 0)  # thousands of answers may be on their way at once
             s.connect(endpoints[node])
             poller.register(s, zmq.POLLIN)
             socks[node] = s

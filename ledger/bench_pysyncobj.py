@@ -15,6 +15,8 @@ import msgpack
 import zmq
 from pysyncobj import SyncObj, SyncObjConf, replicated
 
+from ledger.transport import CLIENT_SNDHWM
+
 
 class LedgerObj(SyncObj):
     def __init__(self, me: str, others: list[str], journal: Path, genesis: dict[str, int]) -> None:
@@ -49,6 +51,7 @@ def serve(node_id: int, raft_addrs: list[str], client_endpoint: str, data_dir: P
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)  # as ours: answers to a busy load worker are not dropped
     router.bind(client_endpoint)
     replies: list[list[bytes]] = []
 

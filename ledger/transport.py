@@ -20,6 +20,10 @@ _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
 
 PEER_SNDHWM = 1000  # Raft retransmits, so a small queue to a slow peer is enough
+# Answers queued per client connection before more are dropped (the client then retries). A
+# load generator multiplexes thousands of requests over one connection; ZeroMQ's default of
+# 1000 dropped answers to it. At about 200 bytes an answer this bounds a client at a few MB.
+CLIENT_SNDHWM = 20_000
 RECV_BATCH = 2000  # frames drained per poll, so timers still run under load
 
 
@@ -36,6 +40,7 @@ class ZeroMQServer:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown or full client -> error, not silence
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer reuses its identity
+        self.router.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
         # Frames a little over the limit reach decode(), which logs and answers them; far bigger
         # ones make ZeroMQ drop the connection before buffering them.
         self.router.setsockopt(zmq.MAXMSGSIZE, 2 * MAX_MESSAGE_BYTES)
