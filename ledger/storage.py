@@ -21,7 +21,7 @@ from ledger.messages import Entry, EntryKind
 from ledger.raft import HardState
 from ledger.state import TxResult
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a transfer's result no longer repeats its block's hash
 _SQL_VARS = 500  # ids per IN (...) query, below SQLite's limit on bound parameters
 
 _SCHEMA = """
@@ -29,9 +29,8 @@ CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, term INTEGER NOT NULL,
                                 kind TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks (height INTEGER PRIMARY KEY, hash TEXT NOT NULL, doc BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS txs (tx_id TEXT PRIMARY KEY, status TEXT NOT NULL, reason TEXT,
-                                height INTEGER NOT NULL, block_hash TEXT NOT NULL,
-                                transfer TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS txs (tx_id TEXT PRIMARY KEY, height INTEGER NOT NULL, status TEXT NOT NULL,
+                                reason TEXT, transfer TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS accounts (name TEXT PRIMARY KEY, balance INTEGER NOT NULL) WITHOUT ROWID;
 """
 
@@ -78,6 +77,8 @@ class Storage:
                 self.db.executemany("INSERT INTO accounts VALUES (?, ?)", sorted(genesis.items()))
         elif stored != gen.hash:
             raise StorageError(f"{path} holds a chain with another genesis block than this config's")
+        elif (schema := self._meta("schema")) != SCHEMA_VERSION:
+            raise StorageError(f"{path} has storage format {schema!r}; this version reads format {SCHEMA_VERSION}")
 
     # ---- transactions ------------------------------------------------------------------------
 
@@ -118,10 +119,7 @@ class Storage:
     # ---- ledger (state.StateStore) -----------------------------------------------------------
 
     def tx_result(self, tx_id: str) -> TxResult | None:
-        row = self.db.execute(
-            "SELECT status, reason, height, block_hash, transfer FROM txs WHERE tx_id = ?", (tx_id,)
-        ).fetchone()
-        return TxResult(*row) if row else None
+        return self.tx_results([tx_id]).get(tx_id)
 
     def tx_results(self, tx_ids: Sequence[str]) -> dict[str, TxResult]:
         """The stored results of those of ``tx_ids`` that were applied."""
@@ -130,7 +128,8 @@ class Storage:
             chunk = tx_ids[k : k + _SQL_VARS]
             marks = ",".join("?" * len(chunk))
             for tx_id, *row in self.db.execute(
-                f"SELECT tx_id, status, reason, height, block_hash, transfer FROM txs WHERE tx_id IN ({marks})",
+                "SELECT t.tx_id, t.status, t.reason, t.height, b.hash, t.transfer FROM txs t"
+                f" JOIN blocks b ON b.height = t.height WHERE t.tx_id IN ({marks})",
                 chunk,
             ):
                 out[tx_id] = TxResult(*row)
@@ -142,8 +141,8 @@ class Storage:
             self._put_block(block)
         if results:
             self.db.executemany(
-                "INSERT INTO txs VALUES (?, ?, ?, ?, ?, ?)",
-                [(k, r.status, r.reason, r.height, r.block_hash, r.transfer) for k, r in results.items()],
+                "INSERT INTO txs VALUES (?, ?, ?, ?, ?)",
+                [(k, r.height, r.status, r.reason, r.transfer) for k, r in results.items()],
             )
         if balances:
             self.db.executemany(

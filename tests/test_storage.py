@@ -287,6 +287,14 @@ def test_other_genesis_on_existing_dir_is_refused(db_path):
     s.close()
 
 
+def test_store_of_another_format_is_refused(db_path):
+    s = Storage(db_path, GENESIS)
+    s.db.execute("UPDATE meta SET v = 1 WHERE k = 'schema'")
+    s.close()
+    with pytest.raises(StorageError, match=r"has storage format 1; this version reads format 2$"):
+        Storage(db_path, GENESIS)
+
+
 def test_unusable_file_gives_storage_error(tmp_path):
     bad = tmp_path / "junk.db"
     bad.write_bytes(b"this is not a database" * 100)
