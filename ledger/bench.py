@@ -35,6 +35,7 @@ import msgpack
 import zmq
 
 from ledger.cluster import LocalCluster, free_ports
+from ledger.messages import MAX_BATCH_TRANSFERS
 
 REQUEST_TIMEOUT_S = 2.0
 
@@ -42,7 +43,12 @@ REQUEST_TIMEOUT_S = 2.0
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Closed-loop submitters on one ZeroMQ context; returns latencies and outcomes."""
+    """Closed-loop submitters on one ZeroMQ context; returns latencies and outcomes.
+
+    Each submitter keeps one transfer in flight. The transfers that become ready in the same
+    turn of the loop (the answers to one block free many submitters at once) go to the node in
+    one SubmitBatchRequest, as a client library multiplexing many callers would send them.
+    """
     endpoints: dict[int, str] = {int(k): v for k, v in spec["endpoints"].items()}
     accounts = [f"acct{i}" for i in range(spec["accounts"])]
     rng = random.Random(spec["seed"])
@@ -64,70 +70,91 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     prefix = spec["prefix"]
     budget = spec.get("count")  # transfers this worker issues in all, or None: until the deadline
     issued = 0
-    inflight: dict[str, dict[str, Any]] = {}  # req_id -> op
+    # An op is [row, first sent, last sent, node, req_id]; keyed by tx_id until it is answered.
+    inflight: dict[str, list[Any]] = {}
+    outbox: dict[int, list[list[Any]]] = {}  # ops to send at the end of this turn, per node
     latencies: list[float] = []
     answered_at: list[float] = []
     outcome = {"committed": 0, "rejected": 0, "unknown": 0}
-
     req_ids = itertools.count()
 
-    def send(op: dict[str, Any], node: int) -> None:
-        req_id = f"{prefix}.{next(req_ids)}"
-        op["sent"] = time.monotonic()
-        op["node"] = node
-        inflight[req_id] = op
-        sock(node).send(msgpack.packb({"v": 1, "type": "submit", "req_id": req_id, "transfer": op["t"]}))
+    def send(op: list[Any], node: int, now: float) -> None:
+        op[2], op[3] = now, node
+        outbox.setdefault(node, []).append(op)
 
-    def new_op() -> None:
+    def flush() -> None:
+        for node, ops in outbox.items():
+            for k in range(0, len(ops), MAX_BATCH_TRANSFERS):
+                req_id = f"{prefix}.{next(req_ids)}"
+                chunk = ops[k : k + MAX_BATCH_TRANSFERS]
+                for op in chunk:
+                    op[4] = req_id
+                sock(node).send(msgpack.packb({"v": 1, "type": "submit_batch", "req_id": req_id,
+                                               "transfers": [op[0] for op in chunk]}))
+        outbox.clear()
+
+    def new_op(now: float) -> None:
         nonlocal issued
         issued += 1
         sender, recipient = rng.sample(accounts, 2)
-        t = {"tx_id": f"{prefix}-{issued}", "sender": sender, "recipient": recipient,
-             "amount": rng.randint(1, 100)}
-        send({"t": t, "first": time.monotonic()}, leader)
+        row = (f"{prefix}-{issued}", sender, recipient, rng.randint(1, 100))
+        op = [row, now, now, leader, ""]
+        inflight[row[0]] = op
+        send(op, leader, now)
 
     while time.time() < spec["start_at"]:
         time.sleep(0.005)  # start together with the other workers
     end = time.monotonic() + spec["duration"]
+    now = time.monotonic()
     for _ in range(spec["clients"]):
         if budget is None or issued < budget:
-            new_op()
+            new_op(now)
+    flush()
+    next_scan = 0.0  # when to look for transfers whose request timed out
     while inflight:
-        now = time.monotonic()
-        if now > end + 10:
+        if time.monotonic() > end + 10:
             outcome["unknown"] += len(inflight)
             break
+        leaderless = False
         for s, _ in poller.poll(50):
             while True:
                 try:
-                    r = msgpack.unpackb(s.recv(zmq.NOBLOCK))
+                    frame = msgpack.unpackb(s.recv(zmq.NOBLOCK))
                 except zmq.Again:
                     break
-                op = inflight.pop(r.get("req_id", ""), None)
-                if op is None:
-                    continue
-                kind = r["type"]
-                if kind == "submit_reply":
-                    t = time.monotonic()
-                    latencies.append((t - op["first"]) * 1000)
-                    answered_at.append(time.time())
-                    outcome[r["status"]] += 1
-                    if time.monotonic() < end and (budget is None or issued < budget):
-                        new_op()
-                    continue
-                if kind == "redirect" and r.get("leader_id") is not None:
-                    leader = r["leader_id"]
-                else:
-                    leader = rng.choice(list(endpoints))
-                    time.sleep(0.01)  # no leader yet: back off a little
-                send(op, leader)
+                now, wall = time.monotonic(), time.time()
+                more = now < end
+                for r in frame.get("replies", ()):
+                    kind = r["type"]
+                    if kind == "submit_reply":
+                        op = inflight.pop(r["tx_id"], None)
+                        if op is None:
+                            continue  # a second answer (to a retry) for an answered transfer
+                        latencies.append((now - op[1]) * 1000)
+                        answered_at.append(wall)
+                        outcome[r["status"]] += 1
+                        if more and (budget is None or issued < budget):
+                            new_op(now)
+                        continue
+                    # A redirect or error for a whole batch: resend what is still waiting on it.
+                    if kind == "redirect" and r.get("leader_id") is not None:
+                        leader = r["leader_id"]
+                    else:
+                        leader = rng.choice(list(endpoints))
+                        leaderless = True
+                    for op in inflight.values():
+                        if op[4] == r["req_id"]:
+                            send(op, leader, now)
+        if leaderless:
+            time.sleep(0.01)  # no leader yet: back off a little before asking again
         now = time.monotonic()
-        for req_id, op in list(inflight.items()):
-            if now - op["sent"] > REQUEST_TIMEOUT_S:
-                # Same transfer id to another node: the ledger de-duplicates the retry.
-                del inflight[req_id]
-                leader = rng.choice([n for n in endpoints if n != op["node"]] or list(endpoints))
-                send(op, leader)
+        if now >= next_scan:
+            next_scan = now + 0.1
+            for op in inflight.values():
+                if now - op[2] > REQUEST_TIMEOUT_S:
+                    # Same transfer id to another node: the ledger de-duplicates the retry.
+                    send(op, rng.choice([n for n in endpoints if n != op[3]] or list(endpoints)), now)
+        flush()
     for s in socks.values():
         s.close(0)
     ctx.term()
@@ -316,7 +343,7 @@ def _pso_wait_leader(cluster: PySyncObjCluster, timeout: float = 30) -> int:
 
 def ceiling(transfers: int, accounts: int, batch: int = 500) -> float:
     """Transfers/s through request validation, batching, apply, blocks and fsynced storage."""
-    from ledger.messages import EntryKind, Entry, SubmitRequest, decode
+    from ledger.messages import EntryKind, Entry, decode
     from ledger.state import LedgerState, encode_batch
     from ledger.storage import Storage
 
@@ -337,7 +364,7 @@ def ceiling(transfers: int, accounts: int, batch: int = 500) -> float:
             reqs = [decode(f) for f in frames[k : k + batch]]
             index += 1
             entry = Entry(index=index, term=1, kind=EntryKind.TXS,
-                          data=encode_batch(int(time.time() * 1000), [q.transfer for q in reqs]))  # type: ignore[union-attr]
+                          data=encode_batch(int(time.time() * 1000), [q.transfer.row() for q in reqs]))  # type: ignore[union-attr]
             with storage.transaction():
                 storage.save_entries(index, [entry])
                 state.apply(entry)

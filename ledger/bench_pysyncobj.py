@@ -53,7 +53,7 @@ def serve(node_id: int, raft_addrs: list[str], client_endpoint: str, data_dir: P
     router.setsockopt(zmq.LINGER, 0)
     router.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)  # as ours: answers to a busy load worker are not dropped
     router.bind(client_endpoint)
-    replies: list[list[bytes]] = []
+    replies: dict[bytes, list[dict]] = {}  # answers per client, sent batched as ours are
 
     def answer(identity: bytes, req_id: str, tx_id: str):  # type: ignore[no-untyped-def]
         def cb(result: tuple[str, str | None] | None, error: object) -> None:
@@ -62,7 +62,7 @@ def serve(node_id: int, raft_addrs: list[str], client_endpoint: str, data_dir: P
             else:
                 body = {"v": 1, "type": "submit_reply", "req_id": req_id, "tx_id": tx_id, "status": result[0],
                         "reason": result[1], "height": 0, "block_hash": ""}
-            replies.append([identity, msgpack.packb(body)])
+            replies.setdefault(identity, []).append(body)
         return cb
 
     while True:
@@ -81,12 +81,12 @@ def serve(node_id: int, raft_addrs: list[str], client_endpoint: str, data_dir: P
                         "last_log_index": 0, "chain_height": 0, "head_hash": ""}
                 router.send_multipart([identity, msgpack.packb(body)])
                 continue
-            t = req["transfer"]
-            obj.transfer(t["tx_id"], t["sender"], t["recipient"], t["amount"],
-                         callback=answer(identity, req["req_id"], t["tx_id"]))
-        for r in replies:
+            for tx_id, sender, recipient, amount in req["transfers"]:  # a submit_batch
+                obj.transfer(tx_id, sender, recipient, amount, callback=answer(identity, req["req_id"], tx_id))
+        for identity, bodies in replies.items():
             try:
-                router.send_multipart(r, zmq.NOBLOCK)
+                router.send_multipart([identity, msgpack.packb({"v": 1, "type": "batch_reply", "replies": bodies})],
+                                      zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         replies.clear()

@@ -27,23 +27,23 @@ def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _sha(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def _merkle(leaf_hashes: list[bytes]) -> bytes:
-    n = len(leaf_hashes)
-    if n == 1:
-        return leaf_hashes[0]
-    k = 1 << ((n - 1).bit_length() - 1)  # largest power of two below n
-    return _sha(b"\x01" + _merkle(leaf_hashes[:k]) + _merkle(leaf_hashes[k:]))
-
-
 def merkle_root(leaves: Iterable[bytes]) -> str:
-    hashes = [_sha(b"\x00" + leaf) for leaf in leaves]
-    if not hashes:
-        return hashlib.sha256(b"").hexdigest()
-    return _merkle(hashes).hex()
+    """RFC 6962's Merkle tree hash of ``leaves``, as hex.
+
+    Computed level by level: pairing neighbours and carrying an odd last node up unchanged gives
+    the same tree as RFC 6962's split at the largest power of two below n (tests check both),
+    without a Python call per node.
+    """
+    sha = hashlib.sha256
+    level = [sha(b"\x00" + leaf).digest() for leaf in leaves]
+    if not level:
+        return sha(b"").hexdigest()
+    while len(level) > 1:
+        odd = level[-1] if len(level) % 2 else None
+        level = [sha(b"\x01" + a + b).digest() for a, b in zip(level[::2], level[1::2])]
+        if odd is not None:
+            level.append(odd)
+    return level[0].hex()
 
 
 def transfer_leaf(tx_id: str, sender: str, recipient: str, amount: int, status: str, reason: str | None) -> bytes:

@@ -14,7 +14,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -24,7 +24,9 @@ from pydantic import BaseModel
 from ledger.chain import Block, ChainError, verify_block
 from ledger.config import ClusterConfig, ConfigError, load_config
 from ledger.messages import (
+    MAX_BATCH_TRANSFERS,
     NAME_PATTERN,
+    BatchReply,
     BalanceReply,
     BalanceRequest,
     ChainReply,
@@ -35,11 +37,13 @@ from ledger.messages import (
     RedirectReply,
     StatusReply,
     StatusRequest,
+    SubmitBatchRequest,
     SubmitReply,
     SubmitRequest,
     Transfer,
     decode,
     encode,
+    transfer_key,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -135,13 +139,18 @@ class LedgerClient:
         self._next += 1
         return node
 
-    def _leader_call(self, make: Any) -> BaseModel:
+    def _leader_call(self, attempt: Callable[[int, float], BaseModel | None]) -> BaseModel:
+        """Run ``attempt(node, timeout)`` against the leader until it gives an answer.
+
+        ``attempt`` returns the node's reply, or None if it did not answer in time; redirects
+        are followed, and "retry" errors and elections waited out, until the deadline.
+        """
         end = time.monotonic() + self.deadline
         backoff = 0.02
         last = "no node answered"
         while time.monotonic() < end:
             node = self._pick()
-            reply = self.request(node, make(), timeout=min(self.request_timeout, max(0.05, end - time.monotonic())))
+            reply = attempt(node, min(self.request_timeout, max(0.05, end - time.monotonic())))
             if reply is None:
                 last = f"node {node} did not answer"
                 self.leader_hint = None
@@ -167,19 +176,75 @@ class LedgerClient:
 
     def submit(self, sender: str, recipient: str, amount: int, tx_id: str | None = None) -> SubmitReply:
         t = Transfer(tx_id=tx_id or uuid.uuid4().hex, sender=sender, recipient=recipient, amount=amount)
-        reply = self._leader_call(lambda: SubmitRequest(req_id=uuid.uuid4().hex, transfer=t))
+        reply = self._leader_call(
+            lambda node, timeout: self.request(node, SubmitRequest(req_id=uuid.uuid4().hex, transfer=t), timeout))
         if isinstance(reply, ErrorReply):
             raise ValueError(reply.error)
         assert isinstance(reply, SubmitReply)
-        asked = f"{sender}>{recipient}:{amount}"
-        if reply.transfer and reply.transfer != asked:
-            # The id was taken by another transfer (perhaps in the same batch): this one was not applied.
-            return reply.model_copy(update={
-                "status": "rejected", "reason": f"transfer id {t.tx_id} was already used for {reply.transfer}"})
-        return reply
+        return _checked(reply, t)
+
+    def submit_batch(self, transfers: Sequence[Transfer]) -> list[SubmitReply]:
+        """Submit many transfers in SubmitBatchRequests; their answers, in the same order.
+
+        As ``submit``: the leader is found, redirects followed, and what is still unanswered
+        after a timeout is sent again with the same transfer ids, so nothing is paid twice.
+        """
+        ids = [t.tx_id for t in transfers]
+        if len(set(ids)) != len(ids):
+            raise ValueError("the transfers of one batch need distinct ids")
+        answers: dict[str, SubmitReply] = {}
+
+        def attempt(node: int, timeout: float) -> BaseModel | None:
+            todo = [t for t in transfers if t.tx_id not in answers]
+            reply: BaseModel | None = None
+            for k in range(0, len(todo), MAX_BATCH_TRANSFERS):
+                reply = self._submit_round(node, todo[k : k + MAX_BATCH_TRANSFERS], answers, timeout)
+                if not isinstance(reply, SubmitReply):
+                    return reply  # no answer, a redirect or an error: the caller decides
+            return reply
+
+        if transfers:
+            reply = self._leader_call(attempt)
+            if isinstance(reply, ErrorReply):
+                raise ValueError(reply.error)
+        return [_checked(answers[t.tx_id], t) for t in transfers]
+
+    def _submit_round(self, node: int, todo: list[Transfer], answers: dict[str, SubmitReply],
+                      timeout: float) -> BaseModel | None:
+        """Send ``todo`` to ``node`` in one batch and gather its answers into ``answers``.
+
+        Returns the last SubmitReply once all are answered, a redirect or error for the batch,
+        or None when the node went quiet for ``timeout`` seconds before answering all.
+        """
+        req = SubmitBatchRequest(req_id=uuid.uuid4().hex, transfers=[t.row() for t in todo])
+        want = {t.tx_id for t in todo}
+        s = self._socket(node)
+        s.send(encode(req))
+        last: BaseModel | None = None
+        while want:
+            if not s.poll(int(timeout * 1000) + 1):
+                s.close(0)  # as in request(): nothing stale is delivered later
+                del self.sockets[node]
+                return None
+            try:
+                frame = decode(s.recv())
+            except DecodeError:
+                continue
+            if isinstance(frame, ErrorReply) and frame.req_id == "":
+                return frame  # the node could not read the request at all
+            for r in frame.replies if isinstance(frame, BatchReply) else ():
+                if r.req_id != req.req_id:
+                    continue  # an answer to an earlier batch
+                if not isinstance(r, SubmitReply):
+                    return r
+                if r.tx_id in want:
+                    want.discard(r.tx_id)
+                    answers[r.tx_id] = last = r
+        return last
 
     def balance(self, account: str) -> BalanceReply:
-        reply = self._leader_call(lambda: BalanceRequest(req_id=uuid.uuid4().hex, account=account))
+        reply = self._leader_call(
+            lambda node, timeout: self.request(node, BalanceRequest(req_id=uuid.uuid4().hex, account=account), timeout))
         if isinstance(reply, ErrorReply):
             raise ValueError(reply.error)
         assert isinstance(reply, BalanceReply)
@@ -228,7 +293,7 @@ class LedgerClient:
             except ChainError as exc:
                 nc.error = str(exc)
                 problems.append(f"node {node}: {exc}")
-            except ClusterUnavailable as exc:
+            except ClusterUnavailable:
                 unreachable.append(node)
                 continue
             chains.append(nc)
@@ -243,6 +308,14 @@ class LedgerClient:
         if not chains:
             problems.append("no node answered")
         return VerifyReport(chains, unreachable, agreed, problems)
+
+
+def _checked(reply: SubmitReply, t: Transfer) -> SubmitReply:
+    if reply.transfer and reply.transfer != transfer_key(t.sender, t.recipient, t.amount):
+        # The id was taken by another transfer (perhaps in the same batch): this one was not applied.
+        return reply.model_copy(update={
+            "status": "rejected", "reason": f"transfer id {t.tx_id} was already used for {reply.transfer}"})
+    return reply
 
 
 # ---- command line --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, StrictBytes, StrictInt, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBytes, TypeAdapter, ValidationError
 
 PROTOCOL_VERSION = 1
 # The largest frame a node accepts. A full AppendEntries batch stays well below it
@@ -25,6 +25,10 @@ TxId = Annotated[str, Field(pattern=NAME_PATTERN)]
 NodeId = Annotated[int, Field(ge=0, le=1023, strict=True)]
 Index = Annotated[int, Field(ge=0, strict=True)]
 Term = Annotated[int, Field(ge=0, strict=True)]
+# Any 64-bit integer: the ledger rejects amounts <= 0 or above its maximum, with a reason.
+Amount = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
+# A transfer as (tx_id, sender, recipient, amount): how batches carry it, on the wire and in the log.
+TransferRow = tuple[TxId, AccountName, AccountName, Amount]
 
 
 class _Msg(BaseModel):
@@ -54,8 +58,10 @@ class Transfer(BaseModel):
     tx_id: TxId
     sender: AccountName
     recipient: AccountName
-    # Any 64-bit integer: the ledger rejects amounts <= 0 or above its maximum, with a reason.
-    amount: Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
+    amount: Amount
+
+    def row(self) -> TransferRow:
+        return (self.tx_id, self.sender, self.recipient, self.amount)
 
 
 # ---- Raft messages (node to node, one-way; a reply is a new message) -------------------------
@@ -131,6 +137,23 @@ class ChainRequest(ClientRequest):
     end: Index | None = None  # inclusive; None means the head
 
 
+MAX_BATCH_TRANSFERS = 2048  # transfers in one SubmitBatchRequest
+
+
+class SubmitBatchRequest(ClientRequest):
+    """Many transfers in one frame: a client with many in flight (a load generator, a busy
+    application) sends them together, for one frame, one decode and one socket call.
+
+    Each transfer is answered by a ``SubmitReply`` carrying this ``req_id`` and its ``tx_id``; a
+    redirect or an error for the whole batch carries this ``req_id``. Every answer to a batch
+    comes in ``BatchReply`` frames. Rows are (tx_id, sender, recipient, amount): as a tuple
+    they validate about four times faster than a list of ``Transfer`` models.
+    """
+
+    type: Literal["submit_batch"] = "submit_batch"
+    transfers: Annotated[list[TransferRow], Field(min_length=1, max_length=MAX_BATCH_TRANSFERS)]
+
+
 class ClientReply(_Msg):
     req_id: str
 
@@ -142,8 +165,13 @@ class SubmitReply(ClientReply):
     reason: str | None = None
     height: int
     block_hash: str
-    # The transfer this id was applied with, as "sender>recipient:amount".
+    # The transfer this id was applied with, as "sender>recipient:amount" (transfer_key).
     transfer: str = ""
+
+
+def transfer_key(sender: str, recipient: str, amount: int) -> str:
+    """How a SubmitReply names the transfer its id was applied with."""
+    return f"{sender}>{recipient}:{amount}"
 
 
 class BalanceReply(ClientReply):
@@ -186,6 +214,13 @@ class ErrorReply(ClientReply):
     error: str
 
 
+class BatchReply(_Msg):
+    """The answers to ``SubmitBatchRequest``s that were ready together, in no particular order."""
+
+    type: Literal["batch_reply"] = "batch_reply"
+    replies: list[Annotated[Union[SubmitReply, BalanceReply, RedirectReply, ErrorReply], Field(discriminator="type")]]
+
+
 Message = Annotated[
     Union[
         RequestVoteMessage,
@@ -196,12 +231,14 @@ Message = Annotated[
         BalanceRequest,
         StatusRequest,
         ChainRequest,
+        SubmitBatchRequest,
         SubmitReply,
         BalanceReply,
         StatusReply,
         ChainReply,
         RedirectReply,
         ErrorReply,
+        BatchReply,
     ],
     Field(discriminator="type"),
 ]
@@ -243,12 +280,8 @@ def trusted(cls: type[_M], fields: dict[str, Any]) -> _M:
     return m
 
 
-_NAME = re.compile(NAME_PATTERN)
-
-
-def valid_name(s: object) -> bool:
-    """NAME_PATTERN, checked directly (fullmatch: ``$`` alone would allow a trailing newline)."""
-    return type(s) is str and _NAME.fullmatch(s) is not None
+# NAME_PATTERN, checked directly (fullmatch: ``$`` alone would allow a trailing newline).
+NAME_FULLMATCH = re.compile(NAME_PATTERN).fullmatch
 
 
 def encode(msg: BaseModel) -> bytes:
@@ -257,6 +290,12 @@ def encode(msg: BaseModel) -> bytes:
         # model_dump on the reply path, which runs once per transfer).
         return msgpack.packb(msg.__dict__, use_bin_type=True)
     return msgpack.packb(msg.model_dump(mode="python"), use_bin_type=True)
+
+
+def encode_batch_reply(replies: list[ClientReply]) -> bytes:
+    """A ``BatchReply`` frame of ``replies`` (every reply type it holds is flat)."""
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": "batch_reply", "replies": [r.__dict__ for r in replies]},
+                         use_bin_type=True)
 
 
 def decode(frame: bytes) -> Message:

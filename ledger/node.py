@@ -15,7 +15,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ledger.chain import MAX_BLOCKS_PER_REPLY, Block
+from ledger.chain import MAX_BLOCKS_PER_REPLY
 from ledger.messages import (
     PROTOCOL_VERSION,
     BalanceReply,
@@ -30,13 +30,14 @@ from ledger.messages import (
     RedirectReply,
     StatusReply,
     StatusRequest,
+    SubmitBatchRequest,
     SubmitReply,
     SubmitRequest,
-    Transfer,
+    TransferRow,
     trusted,
 )
 from ledger.raft import RaftConfig, RaftNode, Ready
-from ledger.state import LedgerState, TxResult, encode_batch
+from ledger.state import Applied, LedgerState, TxResult, encode_batch
 from ledger.storage import Storage
 
 MAX_BATCH = 2000  # transfers per log entry (one block)
@@ -75,7 +76,7 @@ class LedgerNode:
                              applied=rec.applied, config=raft_config, rng=rng, loader=storage.entries)
         self.state = LedgerState(storage, rec.balances, rec.head, rec.applied)
         self.out = Outbox()
-        self.pending: list[Transfer] = []
+        self.pending: list[TransferRow] = []
         self.proposed: set[str] = set()  # tx ids this leader proposed that are not yet applied
         self.waiters: dict[str, list[Waiter]] = {}
         self.next_expiry = 0.0
@@ -94,8 +95,10 @@ class LedgerNode:
         self._expire(now)
 
     def on_client(self, client: ClientId, req: ClientRequest, now: float) -> None:
-        if isinstance(req, SubmitRequest):
-            self._on_submit(client, req, now)
+        if isinstance(req, SubmitBatchRequest):
+            self._on_submit(client, req.req_id, req.transfers, now)
+        elif isinstance(req, SubmitRequest):
+            self._on_submit(client, req.req_id, [req.transfer.row()], now)
         elif isinstance(req, BalanceRequest):
             self._on_balance(client, req, now)
         elif isinstance(req, StatusRequest):
@@ -119,20 +122,27 @@ class LedgerNode:
 
     # ---- client requests -----------------------------------------------------------------------
 
-    def _on_submit(self, client: ClientId, req: SubmitRequest, now: float) -> None:
-        # No lookup of the id here: a retry of an applied transfer goes through the log once
+    def _on_submit(self, client: ClientId, req_id: str, rows: list[TransferRow], now: float) -> None:
+        # No lookup of the ids here: a retry of an applied transfer goes through the log once
         # more and is answered with its first result when applied (state.LedgerState.apply).
-        t = req.transfer
         if not self.raft.is_leader:
-            self._reply(client, RedirectReply(req_id=req.req_id, leader_id=self.raft.leader_id))
+            self._reply(client, RedirectReply(req_id=req_id, leader_id=self.raft.leader_id))
             return
-        if t.tx_id not in self.proposed:
-            if len(self.pending) >= MAX_PENDING:
-                self._reply(client, ErrorReply(req_id=req.req_id, error="leader overloaded, retry"))
-                return
-            self.pending.append(t)
-            self.proposed.add(t.tx_id)
-        self.waiters.setdefault(t.tx_id, []).append(Waiter(client, req.req_id, now + CLIENT_WAIT_S))
+        if len(self.pending) + len(rows) > MAX_PENDING:
+            self._reply(client, ErrorReply(req_id=req_id, error="leader overloaded, retry"))
+            return
+        waiter = Waiter(client, req_id, now + CLIENT_WAIT_S)  # one for all the rows: they share it
+        proposed, waiters = self.proposed, self.waiters
+        for row in rows:
+            tx_id = row[0]
+            if tx_id not in proposed:
+                self.pending.append(row)
+                proposed.add(tx_id)
+            ws = waiters.get(tx_id)
+            if ws is None:
+                waiters[tx_id] = [waiter]
+            else:
+                ws.append(waiter)
 
     def _on_balance(self, client: ClientId, req: BalanceRequest, now: float) -> None:
         if not self.raft.is_leader:
@@ -167,7 +177,7 @@ class LedgerNode:
     # ---- Ready -----------------------------------------------------------------------------------
 
     def _handle_ready(self, rd: Ready) -> None:
-        applied: list[tuple[Block | None, dict[str, TxResult]]] = []
+        applied: list[Applied] = []
         if self.send_early is not None:
             self.send_early(rd.early_messages)
         else:
@@ -184,22 +194,33 @@ class LedgerNode:
         self.out.peers.extend(rd.messages)
         for name, fields in rd.events:
             (self.log.debug if name == "committed" else self.log.info)(name, **fields)
-        for block, results in applied:
-            self._on_applied(block, results)
+        for a in applied:
+            self._on_applied(a)
         self._on_reads(rd)
         self._on_role()
 
-    def _on_applied(self, block: Block | None, results: dict[str, TxResult]) -> None:
+    def _on_applied(self, a: Applied) -> None:
+        block = a.block
         if block is not None:
             self.log.info("block_appended", height=block.height, hash=block.hash,
                           tx_count=len(block.txs), index=block.index)
-            for tx in block.txs:
-                if tx["status"] == "rejected":
-                    self.log.info("transaction_rejected", tx_id=tx["tx_id"], reason=tx["reason"])
-        for tx_id, res in results.items():
-            self.proposed.discard(tx_id)
-            for w in self.waiters.pop(tx_id, ()):
-                self._reply(w.client, _submit_reply(w.req_id, tx_id, res))
+            for t, reason in a.outcomes:
+                if reason is not None:
+                    self.log.info("transaction_rejected", tx_id=t.tx_id, reason=reason)
+        if not self.waiters and not self.proposed:
+            return  # a follower: nobody to answer
+        for tx_id, res in a.earlier.items():
+            self._answer(tx_id, res)
+        for t, reason in a.outcomes:
+            if t.tx_id in self.waiters:
+                self._answer(t.tx_id, a.result(t, reason))
+            else:
+                self.proposed.discard(t.tx_id)
+
+    def _answer(self, tx_id: str, res: TxResult) -> None:
+        self.proposed.discard(tx_id)
+        for w in self.waiters.pop(tx_id, ()):
+            self._reply(w.client, _submit_reply(w.req_id, tx_id, res))
 
     def _on_reads(self, rd: Ready) -> None:
         for ctx in rd.dropped_reads:

@@ -7,20 +7,38 @@ apply) and send what it returns.
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from ledger.config import ClusterConfig
 from ledger.logsetup import setup_node_logging
-from ledger.messages import ClientRequest, DecodeError, ErrorReply, RaftMessage, decode, encode
+from ledger.messages import (
+    ClientReply,
+    ClientRequest,
+    DecodeError,
+    ErrorReply,
+    RaftMessage,
+    SubmitBatchRequest,
+    decode,
+    encode,
+    encode_batch_reply,
+)
 from ledger.node import LedgerNode
 from ledger.raft import RaftConfig
 from ledger.storage import Storage
 from ledger.transport import ZeroMQServer, peer_identity
 
 MAX_TICKS_PER_TURN = 5  # after a stall, catch up a few ticks, not a burst that fires elections
+REPLIES_PER_FRAME = 1024  # replies packed into one BatchReply frame
+
+
+class Batched(NamedTuple):
+    """The client id of a SubmitBatchRequest's sender: its answers go back in BatchReply frames."""
+
+    identity: bytes
 
 
 def raft_config(cfg: ClusterConfig) -> RaftConfig:
@@ -62,7 +80,8 @@ class Server:
         next_tick = time.monotonic() + self.tick_s
         try:
             while self.running:
-                timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+                # Rounded up: rounded down, the last millisecond before a tick was a busy loop.
+                timeout_ms = max(0, math.ceil((next_tick - time.monotonic()) * 1000))
                 for frames in self.transport.recv(timeout_ms):
                     self._on_frames(frames)
                 now = time.monotonic()
@@ -73,14 +92,24 @@ class Server:
                     next_tick = max(next_tick + due * self.tick_s, now)
                 out = self.node.flush(int(time.time() * 1000))  # the leader stamps block time here
                 self._send_peers(out.peers)
-                for identity, reply in out.clients:
-                    self.transport.reply(identity, encode(reply))  # type: ignore[arg-type]
+                self._send_replies(out.clients)  # type: ignore[arg-type]
         finally:
             self.close()
 
     def _send_peers(self, msgs: list[RaftMessage]) -> None:
         for m in msgs:
             self.transport.send_peer(m.dst, encode(m))
+
+    def _send_replies(self, replies: list[tuple[bytes | Batched, ClientReply]]) -> None:
+        batched: dict[bytes, list[ClientReply]] = {}
+        for client, reply in replies:
+            if type(client) is Batched:
+                batched.setdefault(client.identity, []).append(reply)
+            else:
+                self.transport.reply(client, encode(reply))  # type: ignore[arg-type]
+        for identity, rs in batched.items():
+            for k in range(0, len(rs), REPLIES_PER_FRAME):
+                self.transport.reply(identity, encode_batch_reply(rs[k : k + REPLIES_PER_FRAME]))
 
     def stop(self) -> None:
         self.running = False
@@ -108,7 +137,9 @@ class Server:
                 return
             self.node.on_raft(msg)
         elif isinstance(msg, ClientRequest):
-            self.node.on_client(identity, msg, time.monotonic())
+            # Answers to a batch go back batched (see _send_replies).
+            client = Batched(identity) if isinstance(msg, SubmitBatchRequest) else identity
+            self.node.on_client(client, msg, time.monotonic())
         else:
             self._bad(identity, f"unexpected message type {msg.type}")
 

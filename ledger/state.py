@@ -8,57 +8,36 @@ their reason); a transfer id that was already applied is skipped and keeps its f
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import msgpack
 
 from ledger.chain import Block, make_block, transfer_leaf
-from ledger.messages import Entry, EntryKind, Transfer, valid_name
+from ledger.messages import NAME_FULLMATCH, Entry, EntryKind, Transfer, TransferRow, transfer_key
 
 MAX_AMOUNT = 10**15  # keeps every balance inside SQLite's 64-bit integers
 
 
-@dataclass(frozen=True)
-class TxResult:
+class TxResult(NamedTuple):
     status: str  # "committed" or "rejected"
     reason: str | None
     height: int
     block_hash: str
     # "sender>recipient:amount" of the transfer the id was first applied with; a later use of
     # the id for a different transfer is refused with it.
-    transfer: str = field(default="", compare=False)
-
-
-def transfer_key(t: Transfer | _Tx) -> str:
-    return f"{t.sender}>{t.recipient}:{t.amount}"
+    transfer: str = ""
 
 
 class StateStore(Protocol):
     """Where applied state goes; written inside the driver's transaction (storage.Storage)."""
 
-    def tx_result(self, tx_id: str) -> TxResult | None: ...
     def tx_results(self, tx_ids: Sequence[str]) -> dict[str, TxResult]: ...
-    def put_applied(self, index: int, block: Block | None, results: dict[str, TxResult],
-                    balances: dict[str, int]) -> None: ...
+    def put_applied(self, index: int, block: Block | None, balances: dict[str, int]) -> None: ...
 
 
-def encode_batch(timestamp_ms: int, transfers: Sequence[Transfer]) -> bytes:
-    return msgpack.packb(
-        [timestamp_ms, [[t.tx_id, t.sender, t.recipient, t.amount] for t in transfers]],
-        use_bin_type=True,
-    )
-
-
-def _valid_row(row: object) -> bool:
-    # The same rules as the Transfer model, checked directly: this runs for every transfer
-    # on every node, and pydantic validation was a tenth of the apply time.
-    return (
-        type(row) is list
-        and len(row) == 4
-        and valid_name(row[0]) and valid_name(row[1]) and valid_name(row[2])
-        and type(row[3]) is int
-    )
+def encode_batch(timestamp_ms: int, transfers: Sequence[TransferRow]) -> bytes:
+    """A log entry's data: the leader's timestamp and the transfers as rows."""
+    return msgpack.packb([timestamp_ms, transfers], use_bin_type=True)
 
 
 class _Tx(NamedTuple):
@@ -70,22 +49,32 @@ class _Tx(NamedTuple):
     amount: int
 
 
-def _decode_rows(data: bytes) -> tuple[int, list[_Tx | None]]:
+def _decode_rows(data: bytes) -> tuple[int, list[list | None]]:
+    """The leader's timestamp and the rows of a batch, a malformed row as None.
+
+    The same rules as the Transfer model, checked directly: this runs for every transfer on
+    every node, and pydantic validation was a tenth of the apply time. A batch that does not
+    decode at all is empty, the same way on every node.
+    """
     try:
         ts, rows = msgpack.unpackb(data, raw=False)
     except Exception:  # msgpack raises several unrelated types on garbage
         return 0, []
     if type(ts) is not int or type(rows) is not list:
         return 0, []
-    return ts, [_Tx(*r) if _valid_row(r) else None for r in rows]
+    ok = NAME_FULLMATCH
+    return ts, [
+        r if (type(r) is list and len(r) == 4 and type(r[3]) is int
+              and type(r[0]) is str and type(r[1]) is str and type(r[2]) is str
+              and ok(r[0]) and ok(r[1]) and ok(r[2])) else None
+        for r in rows
+    ]
 
 
 def decode_batch(data: bytes) -> tuple[int, list[Transfer | None]]:
-    """The leader's timestamp and the transfers; a malformed record decodes to None.
-
-    A batch that does not decode at all is empty, the same way on every node."""
+    """The leader's timestamp and the transfers; a malformed record decodes to None."""
     ts, rows = _decode_rows(data)
-    return ts, [None if r is None else Transfer.model_construct(**r._asdict()) for r in rows]
+    return ts, [None if r is None else Transfer.model_construct(**_Tx(*r)._asdict()) for r in rows]
 
 
 def check_transfer(t: Transfer | _Tx, balances: dict[str, int]) -> str | None:
@@ -103,6 +92,27 @@ def check_transfer(t: Transfer | _Tx, balances: dict[str, int]) -> str | None:
     return None
 
 
+class Applied(NamedTuple):
+    """What applying one entry did."""
+
+    block: Block | None  # None if the entry held no transfer that was not applied before
+    # The transfers applied now, in block order, with the reason each was rejected (or None).
+    outcomes: list[tuple[_Tx, str | None]]
+    # The first results of ids this entry carried that were applied before. An id reused for
+    # another transfer reports a rejection that names the first one.
+    earlier: dict[str, TxResult]
+
+    def result(self, t: _Tx, reason: str | None) -> TxResult:
+        """The result of ``t``, one of ``outcomes``."""
+        assert self.block is not None
+        return TxResult("committed" if reason is None else "rejected", reason, self.block.height, self.block.hash,
+                        transfer_key(t.sender, t.recipient, t.amount))
+
+    def results(self) -> dict[str, TxResult]:
+        """The result of every transfer id the entry carried."""
+        return {**self.earlier, **{t.tx_id: self.result(t, reason) for t, reason in self.outcomes}}
+
+
 class LedgerState:
     def __init__(self, store: StateStore, balances: dict[str, int], head: Block, applied: int) -> None:
         self.store = store
@@ -110,60 +120,61 @@ class LedgerState:
         self.head = head
         self.applied = applied
 
-    def apply(self, entry: Entry) -> tuple[Block | None, dict[str, TxResult]]:
-        """Apply one committed entry.
+    def apply(self, entry: Entry) -> Applied:
+        """Apply one committed entry: check each transfer, move the money, build the block.
 
-        Returns the block it made (None if it held no new transfer) and the result of every
-        transfer id it carried; an id applied before keeps, and reports, its first result.
+        A transfer id applied before (in an earlier entry, or earlier in this one) is skipped
+        and keeps its first result.
         """
         if entry.index != self.applied + 1:
             raise ValueError(f"entry {entry.index} applied after {self.applied}")
         self.applied = entry.index
         if entry.kind != EntryKind.TXS:
-            self.store.put_applied(entry.index, None, {}, {})
-            return None, {}
-        ts, transfers = _decode_rows(entry.data)
+            self.store.put_applied(entry.index, None, {})
+            return Applied(None, [], {})
+        ts, rows = _decode_rows(entry.data)
+        # Retries of ids applied before keep, and report, their first result (one query a batch).
+        earlier = self.store.tx_results([r[0] for r in rows if r is not None])
+        seen: set[str] = set(earlier)
+        bal = self.balances
         docs: list[dict] = []
         leaves: list[bytes] = []
         outcomes: list[tuple[_Tx, str | None]] = []
-        changed: dict[str, int] = {}
-        # Retries of ids applied before keep, and report, their first result (one query a batch).
-        earlier = self.store.tx_results([t.tx_id for t in transfers if t is not None])
-        seen: set[str] = set(earlier)
-        for t in transfers:
-            if t is None:
+        changed: set[str] = set()
+        for r in rows:
+            if r is None:
                 continue
-            first = earlier.get(t.tx_id)
-            if first is not None and first.transfer != transfer_key(t):
-                earlier[t.tx_id] = TxResult(
-                    "rejected", f"transfer id {t.tx_id} was already used for {first.transfer}",
-                    first.height, first.block_hash, first.transfer)
-            if t.tx_id in seen:
+            t = _Tx(*r)
+            tx_id, sender, recipient, amount = r
+            if tx_id in seen:
+                first = earlier.get(tx_id)
+                if first is not None and first.transfer != transfer_key(sender, recipient, amount):
+                    earlier[tx_id] = first._replace(
+                        status="rejected", reason=f"transfer id {tx_id} was already used for {first.transfer}")
                 continue
-            seen.add(t.tx_id)
-            reason = check_transfer(t, self.balances)
-            if reason is None:
-                self.balances[t.sender] -= t.amount
-                self.balances[t.recipient] = self.balances.get(t.recipient, 0) + t.amount
-                changed[t.sender] = self.balances[t.sender]
-                changed[t.recipient] = self.balances[t.recipient]
-            status = "committed" if reason is None else "rejected"
+            seen.add(tx_id)
+            if 0 < amount <= MAX_AMOUNT and sender != recipient and bal.get(sender, -1) >= amount:
+                reason = None  # the common case, without check_transfer's calls
+                status = "committed"
+                bal[sender] -= amount
+                bal[recipient] = bal.get(recipient, 0) + amount
+                changed.add(sender)
+                changed.add(recipient)
+            else:
+                reason = check_transfer(t, bal)
+                assert reason is not None
+                status = "rejected"
             outcomes.append((t, reason))
-            docs.append({"tx_id": t.tx_id, "sender": t.sender, "recipient": t.recipient,
-                         "amount": t.amount, "status": status, "reason": reason})
-            leaves.append(transfer_leaf(t.tx_id, t.sender, t.recipient, t.amount, status, reason))
+            docs.append({"tx_id": tx_id, "sender": sender, "recipient": recipient, "amount": amount,
+                         "status": status, "reason": reason})
+            leaves.append(transfer_leaf(tx_id, sender, recipient, amount, status, reason))
         if not docs:
-            self.store.put_applied(entry.index, None, {}, {})
-            return None, earlier
+            self.store.put_applied(entry.index, None, {})
+            return Applied(None, [], earlier)
         block = make_block(self.head.height + 1, self.head.hash, entry.term, entry.index, ts, docs, leaves)
         self.head = block
-        results = {
-            t.tx_id: TxResult("committed" if reason is None else "rejected", reason, block.height, block.hash,
-                              transfer_key(t))
-            for t, reason in outcomes
-        }
-        self.store.put_applied(entry.index, block, results, changed)
-        return block, {**earlier, **results}
+        self.store.put_applied(entry.index, block, {a: bal[a] for a in changed})
+        return Applied(block, outcomes, earlier)
 
     def total(self) -> int:
         return sum(self.balances.values())

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.chain import Block, ChainError, genesis_block, verify_block
-from ledger.messages import Entry, EntryKind
+from ledger.messages import Entry, EntryKind, transfer_key
 from ledger.raft import HardState
 from ledger.state import TxResult
 
-SCHEMA_VERSION = 2  # 2: a transfer's result no longer repeats its block's hash
+# 2: a transfer's result no longer repeats its block's hash. 3: it is only the block's height
+# (status, reason and transfer are read from the block when a retry asks for them).
+SCHEMA_VERSION = 3
 _SQL_VARS = 500  # ids per IN (...) query, below SQLite's limit on bound parameters
 
 _SCHEMA = """
@@ -29,8 +31,7 @@ CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, term INTEGER NOT NULL,
                                 kind TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks (height INTEGER PRIMARY KEY, hash TEXT NOT NULL, doc BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS txs (tx_id TEXT PRIMARY KEY, height INTEGER NOT NULL, status TEXT NOT NULL,
-                                reason TEXT, transfer TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS txs (tx_id TEXT PRIMARY KEY, height INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS accounts (name TEXT PRIMARY KEY, balance INTEGER NOT NULL) WITHOUT ROWID;
 """
 
@@ -123,27 +124,27 @@ class Storage:
 
     def tx_results(self, tx_ids: Sequence[str]) -> dict[str, TxResult]:
         """The stored results of those of ``tx_ids`` that were applied."""
-        out: dict[str, TxResult] = {}
+        heights: dict[int, list[str]] = {}
         for k in range(0, len(tx_ids), _SQL_VARS):
             chunk = tx_ids[k : k + _SQL_VARS]
             marks = ",".join("?" * len(chunk))
-            for tx_id, *row in self.db.execute(
-                "SELECT t.tx_id, t.status, t.reason, t.height, b.hash, t.transfer FROM txs t"
-                f" JOIN blocks b ON b.height = t.height WHERE t.tx_id IN ({marks})",
-                chunk,
-            ):
-                out[tx_id] = TxResult(*row)
+            for tx_id, height in self.db.execute(f"SELECT tx_id, height FROM txs WHERE tx_id IN ({marks})", chunk):
+                heights.setdefault(height, []).append(tx_id)
+        out: dict[str, TxResult] = {}
+        for height, ids in heights.items():  # only retries get here: read their blocks back
+            block = self.blocks(height, height)[0]
+            wanted = set(ids)
+            for tx in block.txs:
+                if tx["tx_id"] in wanted:
+                    out[tx["tx_id"]] = TxResult(tx["status"], tx["reason"], height, block.hash,
+                                                transfer_key(tx["sender"], tx["recipient"], tx["amount"]))
         return out
 
-    def put_applied(self, index: int, block: Block | None, results: dict[str, TxResult],
-                    balances: dict[str, int]) -> None:
+    def put_applied(self, index: int, block: Block | None, balances: dict[str, int]) -> None:
         if block is not None:
             self._put_block(block)
-        if results:
-            self.db.executemany(
-                "INSERT INTO txs VALUES (?, ?, ?, ?, ?)",
-                [(k, r.height, r.status, r.reason, r.transfer) for k, r in results.items()],
-            )
+            h = block.height
+            self.db.executemany("INSERT INTO txs VALUES (?, ?)", [(tx["tx_id"], h) for tx in block.txs])
         if balances:
             self.db.executemany(
                 "INSERT INTO accounts VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET balance=excluded.balance",

@@ -17,9 +17,13 @@ from ledger.cluster import RUN_NODE, LocalCluster
 from ledger.messages import (
     MAX_MESSAGE_BYTES,
     AppendEntriesMessage,
+    BatchReply,
     ErrorReply,
+    RedirectReply,
     StatusReply,
     StatusRequest,
+    SubmitBatchRequest,
+    Transfer,
     decode,
     encode,
 )
@@ -73,6 +77,11 @@ def log_events(cluster: LocalCluster, node: int) -> list[dict]:
         ([msgpack.packb({"v": 1, "type": "submit", "req_id": "x",
                          "transfer": {"tx_id": "a", "sender": "alice", "recipient": "bob", "amount": 2.5}})],
          "amount"),
+        ([msgpack.packb({"v": 1, "type": "submit_batch", "req_id": "x",
+                         "transfers": [["a", "alice", "bob", 1], ["b c", "alice", "bob", 1]]})],
+         "submit_batch.transfers.1.0"),
+        ([msgpack.packb({"v": 1, "type": "submit_batch", "req_id": "x", "transfers": []})],
+         "at least 1 item"),
         ([b"one", b"two"], "expected one payload frame"),
     ],
 )
@@ -154,6 +163,31 @@ def test_transfer_id_reused_for_another_transfer_is_refused(client: LedgerClient
     assert other.status == "rejected"
     assert other.reason == "transfer id reuse-1 was already used for alice>bob:2"
     assert client.balance("bob").balance == before + 2 and client.balance("carol").balance == 0
+
+
+def test_submit_batch_answers_each_transfer_and_pays_once(client: LedgerClient) -> None:
+    before = client.balance("bob").balance
+    ts = [Transfer(tx_id=f"batch-{i}", sender="alice", recipient="bob", amount=1) for i in range(40)]
+    ts.append(Transfer(tx_id="batch-over", sender="bob", recipient="alice", amount=10**9))
+    replies = client.submit_batch(ts)
+    assert [r.tx_id for r in replies] == [t.tx_id for t in ts]
+    assert [r.status for r in replies] == ["committed"] * 40 + ["rejected"]
+    assert replies[-1].reason is not None and replies[-1].reason.startswith("insufficient funds")
+    assert client.balance("bob").balance == before + 40
+    again = client.submit_batch(ts)  # the whole batch once more: first results, nothing paid again
+    assert [(r.status, r.height, r.block_hash) for r in again] == [(r.status, r.height, r.block_hash) for r in replies]
+    assert client.balance("bob").balance == before + 40
+    with pytest.raises(ValueError, match="distinct ids"):
+        client.submit_batch([ts[0], ts[0]])
+
+
+def test_a_batch_sent_to_a_follower_is_redirected_in_a_batch_reply(cluster: LocalCluster, client: LedgerClient) -> None:
+    leader = cluster.wait_leader(client)
+    follower = next(i for i in cluster.ids if i != leader)
+    req = SubmitBatchRequest(req_id="to-follower", transfers=[("f1", "alice", "bob", 1), ("f2", "alice", "bob", 1)])
+    reply = raw_exchange(cluster.cfg.nodes[follower], [encode(req)])
+    assert reply is not None
+    assert decode(reply) == BatchReply(replies=[RedirectReply(req_id="to-follower", leader_id=leader)])
 
 
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

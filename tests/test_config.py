@@ -60,7 +60,7 @@ def test_defaults(tmp_path):
 def test_relative_dirs_resolve_against_the_file(tmp_path, monkeypatch):
     sub = tmp_path / "conf"
     sub.mkdir()
-    p = write(sub, 'data_dir = "state"\nlog_dir = "../logs"\n' + NODES + GENESIS)
+    write(sub, 'data_dir = "state"\nlog_dir = "../logs"\n' + NODES + GENESIS)
     monkeypatch.chdir(tmp_path)  # the working directory must not matter
     cfg = load_config(Path("conf") / "cluster.toml")
     assert cfg.data_dir == sub.resolve() / "state"

@@ -10,11 +10,13 @@ from pydantic import BaseModel
 
 from ledger.chain import genesis_block
 from ledger.messages import (
+    MAX_BATCH_TRANSFERS,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     AppendEntriesMessage,
     AppendEntriesResponse,
     BalanceReply,
+    BatchReply,
     BalanceRequest,
     ChainReply,
     ChainRequest,
@@ -27,11 +29,13 @@ from ledger.messages import (
     RequestVoteResponse,
     StatusReply,
     StatusRequest,
+    SubmitBatchRequest,
     SubmitReply,
     SubmitRequest,
     Transfer,
     decode,
     encode,
+    encode_batch_reply,
 )
 
 ENTRIES = (
@@ -67,6 +71,14 @@ EVERY_MESSAGE: list[BaseModel] = [
     RedirectReply(req_id="r6", leader_id=2),
     RedirectReply(req_id="r6", leader_id=None),
     ErrorReply(req_id="", error="not ready, retry"),
+    SubmitBatchRequest(req_id="b1", transfers=[("c1-42", "alice", "bob", 10), ("c1-43", "bob", "zed", -1)]),
+    BatchReply(replies=[
+        SubmitReply(req_id="b1", tx_id="c1-42", status="committed", height=4, block_hash="ab" * 32,
+                    transfer="alice>bob:10"),
+        RedirectReply(req_id="b2", leader_id=1),
+        ErrorReply(req_id="b3", error="leader overloaded, retry"),
+        BalanceReply(req_id="r2", account="alice", balance=90, exists=True, applied_index=12),
+    ]),
 ]
 
 
@@ -91,7 +103,7 @@ def test_every_message_type_is_covered():
     assert types == {
         "request_vote", "request_vote_response", "append_entries", "append_entries_response",
         "submit", "balance", "status", "chain", "submit_reply", "balance_reply", "status_reply",
-        "chain_reply", "redirect", "error",
+        "chain_reply", "redirect", "error", "submit_batch", "batch_reply",
     }
 
 
@@ -279,6 +291,45 @@ def test_bad_literal_status_in_reply():
     raw = raw_of(EVERY_MESSAGE[12])
     raw["status"] = "pending"
     assert reason(raw).startswith("invalid message: submit_reply.status: ")
+
+
+BATCH = SubmitBatchRequest(req_id="b", transfers=[("t1", "alice", "bob", 1)])
+
+
+@pytest.mark.parametrize("row,where", [
+    (["t 1", "alice", "bob", 1], "submit_batch.transfers.0.0: String should match pattern"),
+    (["t1", "alice\n", "bob", 1], "submit_batch.transfers.0.1: String should match pattern"),
+    (["t1", "alice", "", 1], "submit_batch.transfers.0.2: String should match pattern"),
+    (["t1", "alice", "bob", True], "submit_batch.transfers.0.3: Input should be a valid integer"),
+    (["t1", "alice", "bob", 1.5], "submit_batch.transfers.0.3: Input should be a valid integer"),
+    (["t1", "alice", "bob", 2**63], "submit_batch.transfers.0.3: Input should be less than or equal to"),
+    (["t1", "alice", "bob"], "submit_batch.transfers.0.3: Field required"),
+    (["t1", "alice", "bob", 1, "memo"], "submit_batch.transfers.0: Tuple should have at most 4 items"),
+    ({"tx_id": "t1"}, "submit_batch.transfers.0: Input should be a valid"),
+])
+def test_bad_rows_in_a_batch(row, where):
+    raw = raw_of(BATCH)
+    raw["transfers"].append(row)
+    where = where.replace(".0", ".1", 1)  # the bad row comes second
+    assert reason(raw).startswith(f"invalid message: {where}")
+
+
+def test_batch_size_limits():
+    raw = raw_of(BATCH)
+    raw["transfers"] = []
+    assert reason(raw).startswith("invalid message: submit_batch.transfers: List should have at least 1 item")
+    raw["transfers"] = [[f"t{i}", "alice", "bob", 1] for i in range(MAX_BATCH_TRANSFERS)]
+    assert len(decode(msgpack.packb(raw)).transfers) == MAX_BATCH_TRANSFERS
+    raw["transfers"].append(["one-more", "alice", "bob", 1])
+    assert reason(raw).startswith(f"invalid message: submit_batch.transfers: List should have at most "
+                                  f"{MAX_BATCH_TRANSFERS} items")
+
+
+def test_batch_reply_fast_encoding_is_the_model_encoding():
+    replies = EVERY_MESSAGE[-1].replies  # type: ignore[attr-defined]
+    frame = encode_batch_reply(replies)
+    assert frame == encode(BatchReply(replies=replies))
+    assert decode(frame) == EVERY_MESSAGE[-1]
 
 
 # ---- fuzzing -------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ def T(tx_id: str, sender: str, recipient: str, amount: int) -> Transfer:
 
 def txs_entry(index: int, transfers: list[Transfer], term: int = 1, ts: int | None = None) -> Entry:
     return Entry(index=index, term=term, kind=EntryKind.TXS,
-                 data=encode_batch(TS + index if ts is None else ts, transfers))
+                 data=encode_batch(TS + index if ts is None else ts, [t.row() for t in transfers]))
 
 
 def noop_entry(index: int, term: int = 1) -> Entry:
@@ -37,7 +37,8 @@ class Ledger:
 
     def apply(self, entry: Entry):
         with self.storage.transaction():
-            return self.state.apply(entry)
+            a = self.state.apply(entry)
+            return a.block, a.results()
 
     def chain(self):
         return self.storage.blocks(0, self.state.head.height)
@@ -56,7 +57,7 @@ def ledger() -> Ledger:
 
 def test_batch_round_trip():
     ts = [T("a1", "alice", "bob", 5), T("a2", "bob", "carol", -3)]
-    assert decode_batch(encode_batch(123, ts)) == (123, ts)
+    assert decode_batch(encode_batch(123, [t.row() for t in ts])) == (123, ts)
     assert decode_batch(encode_batch(0, [])) == (0, [])
 
 
@@ -88,10 +89,11 @@ def test_rejection_is_recorded_in_the_block_with_its_reason(ledger, transfer, re
     assert block.txs == [{"tx_id": transfer.tx_id, "sender": transfer.sender,
                           "recipient": transfer.recipient, "amount": transfer.amount,
                           "status": "rejected", "reason": reason}]
-    assert results == {transfer.tx_id: TxResult("rejected", reason, 1, block.hash)}
+    key = f"{transfer.sender}>{transfer.recipient}:{transfer.amount}"
+    assert results == {transfer.tx_id: TxResult("rejected", reason, 1, block.hash, key)}
     assert ledger.state.balances == before
     assert ledger.stored_balances() == before
-    assert ledger.storage.tx_result(transfer.tx_id) == TxResult("rejected", reason, 1, block.hash)
+    assert ledger.storage.tx_result(transfer.tx_id) == TxResult("rejected", reason, 1, block.hash, key)
     verify_chain(ledger.chain())
 
 
@@ -117,7 +119,7 @@ def test_committed_transfer_moves_money_and_creates_recipient(ledger):
                           "status": "committed", "reason": None}]
     assert (block.height, block.term, block.index, block.timestamp) == (1, 4, 1, TS)
     assert block.prev_hash == genesis_block({"alice": 100, "bob": 50, "rich": MAX_AMOUNT}).hash
-    assert results == {"t1": TxResult("committed", None, 1, block.hash)}
+    assert results == {"t1": TxResult("committed", None, 1, block.hash, "alice>newbie:30")}
     assert ledger.state.balances["alice"] == 70
     assert ledger.state.balances["newbie"] == 30
     assert ledger.stored_balances() == {"alice": 70, "bob": 50, "rich": MAX_AMOUNT, "newbie": 30}
@@ -165,7 +167,7 @@ def test_c11_retry_after_lost_reply_is_applied_once():
     lg = Ledger({"X": 100, "Y": 0})
     t = T("c1-42", "X", "Y", 10)
     block, first = lg.apply(txs_entry(1, [t]))
-    assert first == {"c1-42": TxResult("committed", None, 1, block.hash)}
+    assert first == {"c1-42": TxResult("committed", None, 1, block.hash, "X>Y:10")}
     assert lg.apply(noop_entry(2, term=3)) == (None, {})
     # the client's retry reaches the new leader and is committed as a new entry
     again, second = lg.apply(txs_entry(3, [t], term=3))
@@ -187,7 +189,7 @@ def test_duplicate_within_one_batch_is_applied_once(ledger):
     ]))
     assert block.txs == [{"tx_id": "d1", "sender": "alice", "recipient": "bob", "amount": 10,
                           "status": "committed", "reason": None}]
-    assert results == {"d1": TxResult("committed", None, 1, block.hash)}
+    assert results == {"d1": TxResult("committed", None, 1, block.hash, "alice>bob:10")}
     assert ledger.state.balances["alice"] == 90
     assert ledger.state.balances["bob"] == 60
 
@@ -196,8 +198,8 @@ def test_duplicate_across_batches_returns_first_result(ledger):
     b1, r1 = ledger.apply(txs_entry(1, [T("x1", "alice", "bob", 10)]))
     b2, r2 = ledger.apply(txs_entry(2, [T("x2", "alice", "bob", 5), T("x1", "alice", "bob", 10)]))
     assert [t["tx_id"] for t in b2.txs] == ["x2"]
-    assert r2 == {"x1": TxResult("committed", None, 1, b1.hash),
-                  "x2": TxResult("committed", None, 2, b2.hash)}
+    assert r2 == {"x1": TxResult("committed", None, 1, b1.hash, "alice>bob:10"),
+                  "x2": TxResult("committed", None, 2, b2.hash, "alice>bob:5")}
     assert ledger.state.balances["alice"] == 85
     assert count_tx(ledger.chain(), "x1") == 1
 
@@ -208,7 +210,7 @@ def test_retry_of_a_rejected_id_keeps_the_rejection(ledger):
     ledger.apply(txs_entry(2, [T("fund", "alice", "bob", 50)]))
     b3, r3 = ledger.apply(txs_entry(3, [T("r1", "bob", "alice", 80)]))
     assert b3 is None
-    assert r3 == {"r1": TxResult("rejected", "insufficient funds: balance 50, amount 80", 1, b1.hash)}
+    assert r3 == {"r1": TxResult("rejected", "insufficient funds: balance 50, amount 80", 1, b1.hash, "bob>alice:80")}
     assert ledger.state.balances["bob"] == 100
 
 
@@ -218,7 +220,7 @@ def test_noop_and_all_duplicate_batches_make_no_block(ledger):
     assert ledger.apply(txs_entry(3, [])) == (None, {})
     blk, res = ledger.apply(txs_entry(4, [T("n1", "alice", "bob", 1), T("n1", "alice", "bob", 1)]))
     assert blk is None
-    assert res == {"n1": TxResult("committed", None, 1, b1.hash)}
+    assert res == {"n1": TxResult("committed", None, 1, b1.hash, "alice>bob:1")}
     assert ledger.state.head == b1
     assert ledger.storage.head() == b1
     assert [b.height for b in ledger.chain()] == [0, 1]

@@ -4,7 +4,6 @@ and a writer killed in the middle of a transaction (raft-cases C05, C13)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -28,7 +27,7 @@ def T(tx_id: str, sender: str, recipient: str, amount: int) -> Transfer:
 
 
 def txs_entry(index: int, transfers: list[Transfer], term: int = 1) -> Entry:
-    return Entry(index=index, term=term, kind=EntryKind.TXS, data=encode_batch(TS + index, transfers))
+    return Entry(index=index, term=term, kind=EntryKind.TXS, data=encode_batch(TS + index, [t.row() for t in transfers]))
 
 
 def noop(index: int, term: int = 1) -> Entry:
@@ -101,13 +100,13 @@ def test_restart_recovers_everything(db_path):
     assert rec.balances == balances
     assert rec.head == head
     assert rec.head.height == 2
-    assert s2.tx_result("t2") == TxResult("committed", None, 2, head.hash)
+    assert s2.tx_result("t2") == TxResult("committed", None, 2, head.hash, "bob>carol:20")
     assert s2.verify_chain() == 2
 
     # resume applying where it stopped: entry 4 only, nothing replayed
     state2 = LedgerState(s2, rec.balances, rec.head, rec.applied)
     with s2.transaction():
-        block, _ = state2.apply(rec.entries[3])
+        block = state2.apply(rec.entries[3]).block
     assert block.height == 3 and block.prev_hash == head.hash
     s2.close()
 
@@ -291,7 +290,7 @@ def test_store_of_another_format_is_refused(db_path):
     s = Storage(db_path, GENESIS)
     s.db.execute("UPDATE meta SET v = 1 WHERE k = 'schema'")
     s.close()
-    with pytest.raises(StorageError, match=r"has storage format 1; this version reads format 2$"):
+    with pytest.raises(StorageError, match=r"has storage format 1; this version reads format 3$"):
         Storage(db_path, GENESIS)
 
 

@@ -1,0 +1,104 @@
+"""LedgerNode without I/O: client requests in, replies out, on a one-node cluster and a follower."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+import ledger.node
+from ledger.messages import (
+    ErrorReply,
+    RedirectReply,
+    SubmitBatchRequest,
+    SubmitReply,
+    SubmitRequest,
+    Transfer,
+)
+from ledger.node import LedgerNode
+from ledger.raft import RaftConfig
+from ledger.storage import Storage
+
+GENESIS = {"alice": 100, "bob": 0}
+CONFIG = RaftConfig(heartbeat_ticks=1, election_ticks_min=2, election_ticks_max=3)
+
+
+class Events:
+    """A stand-in for the structlog logger: records (event, fields)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **fields: self.seen.append((event, fields))
+
+
+def node(members: list[int]) -> LedgerNode:
+    return LedgerNode(0, members, Storage(":memory:", GENESIS), CONFIG, random.Random(1), Events())
+
+
+def settle(n: LedgerNode, wall_ms: int = 1_700_000_000_000) -> list[tuple[Any, Any]]:
+    """Flush until nothing is left to do (a one-node leader commits in the flush after its fsync)."""
+    replies = []
+    for _ in range(5):
+        replies += n.flush(wall_ms).clients
+    return replies
+
+
+@pytest.fixture
+def leader() -> LedgerNode:
+    n = node([0])
+    for _ in range(10):
+        n.tick(0.0)
+        n.flush(0)
+        if n.raft.is_leader:
+            return n
+    raise AssertionError("a one-node cluster did not elect itself")
+
+
+def test_a_batch_is_answered_transfer_by_transfer(leader: LedgerNode) -> None:
+    rows = [("b1", "alice", "bob", 30), ("b2", "alice", "bob", 80), ("b3", "zed", "bob", 1), ("b1", "alice", "bob", 30)]
+    leader.on_client("c", SubmitBatchRequest(req_id="r1", transfers=rows), 0.0)
+    replies = settle(leader)
+    assert all(client == "c" for client, _ in replies)
+    got = sorted((r.tx_id, r.status, r.reason) for _, r in replies if isinstance(r, SubmitReply))
+    assert got == [
+        ("b1", "committed", None),
+        ("b1", "committed", None),  # it was in the batch twice: answered twice, applied once
+        ("b2", "rejected", "insufficient funds: balance 70, amount 80"),
+        ("b3", "rejected", "unknown sender zed"),
+    ]
+    assert {r.req_id for _, r in replies} == {"r1"}
+    assert leader.state.balances == {"alice": 70, "bob": 30}
+    assert [tx["tx_id"] for tx in leader.state.head.txs] == ["b1", "b2", "b3"]
+    assert not leader.waiters and not leader.proposed and not leader.pending
+
+
+def test_a_batch_retried_singly_gets_the_first_result(leader: LedgerNode) -> None:
+    leader.on_client("c", SubmitBatchRequest(req_id="r1", transfers=[("x1", "alice", "bob", 5)]), 0.0)
+    first = settle(leader)[0][1]
+    t = Transfer(tx_id="x1", sender="alice", recipient="bob", amount=5)
+    leader.on_client("d", SubmitRequest(req_id="r2", transfer=t), 0.0)
+    again = settle(leader)[0][1]
+    assert isinstance(first, SubmitReply) and isinstance(again, SubmitReply)
+    assert (again.req_id, again.status, again.height, again.block_hash) == ("r2", "committed", first.height,
+                                                                             first.block_hash)
+    assert leader.state.balances == {"alice": 95, "bob": 5}
+
+
+def test_a_batch_to_a_follower_gets_one_redirect() -> None:
+    follower = node([0, 1, 2])
+    follower.on_client("c", SubmitBatchRequest(req_id="r1", transfers=[("a", "alice", "bob", 1)] * 3), 0.0)
+    assert [r for _, r in settle(follower)] == [RedirectReply(req_id="r1", leader_id=None)]
+    assert not follower.pending
+
+
+def test_an_overloaded_leader_refuses_the_whole_batch(leader: LedgerNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ledger.node, "MAX_PENDING", 3)
+    leader.on_client("c", SubmitBatchRequest(req_id="r1", transfers=[("a", "alice", "bob", 1), ("b", "alice", "bob", 1)]), 0.0)
+    leader.on_client("c", SubmitBatchRequest(req_id="r2", transfers=[("c", "alice", "bob", 1), ("d", "alice", "bob", 1)]), 0.0)
+    replies = [r for _, r in settle(leader)]
+    assert ErrorReply(req_id="r2", error="leader overloaded, retry") in replies
+    assert sorted(r.tx_id for r in replies if isinstance(r, SubmitReply)) == ["a", "b"]
+    assert leader.state.balances == {"alice": 98, "bob": 2}
