@@ -59,9 +59,9 @@ def serve(node_id: int, raft_addrs: list[str], client_endpoint: str, data_dir: P
         def cb(result: tuple[str, str | None] | None, error: object) -> None:
             if result is None:
                 body = {"v": 1, "type": "error", "req_id": req_id, "error": f"retry: {error}"}
-            else:
-                body = {"v": 1, "type": "submit_reply", "req_id": req_id, "tx_id": tx_id, "status": result[0],
-                        "reason": result[1], "height": 0, "block_hash": ""}
+            else:  # one row per answer (ours has one per block): no blocks here
+                body = {"v": 1, "type": "submit_results", "req_id": req_id, "height": 0, "block_hash": "",
+                        "results": [[tx_id, result[0], result[1], ""]]}
             replies.setdefault(identity, []).append(body)
         return cb
 

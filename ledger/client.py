@@ -40,6 +40,7 @@ from ledger.messages import (
     SubmitBatchRequest,
     SubmitReply,
     SubmitRequest,
+    SubmitResults,
     Transfer,
     decode,
     encode,
@@ -235,11 +236,13 @@ class LedgerClient:
             for r in frame.replies if isinstance(frame, BatchReply) else ():
                 if r.req_id != req.req_id:
                     continue  # an answer to an earlier batch
-                if not isinstance(r, SubmitReply):
+                if not isinstance(r, SubmitResults):
                     return r
-                if r.tx_id in want:
-                    want.discard(r.tx_id)
-                    answers[r.tx_id] = last = r
+                for tx_id, status, reason, transfer in r.results:
+                    if tx_id in want:
+                        want.discard(tx_id)
+                        answers[tx_id] = last = SubmitReply(req_id=r.req_id, tx_id=tx_id, status=status, reason=reason,
+                                                            height=r.height, block_hash=r.block_hash, transfer=transfer)
         return last
 
     def balance(self, account: str) -> BalanceReply:

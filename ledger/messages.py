@@ -202,6 +202,20 @@ class ChainReply(ClientReply):
     height: int  # the node's chain height when it answered
 
 
+class SubmitResults(ClientReply):
+    """The answers to transfers of one SubmitBatchRequest that were applied in one block.
+
+    A batch is answered block by block, compactly: one row per transfer, with the block's height
+    and hash once. A transfer applied before (a retry) is answered with the block it is in.
+    """
+
+    type: Literal["submit_results"] = "submit_results"
+    height: int
+    block_hash: str
+    # (tx_id, status, reason, transfer): transfer names what the id was applied with (transfer_key).
+    results: list[tuple[str, Literal["committed", "rejected"], str | None, str]]
+
+
 class RedirectReply(ClientReply):
     """This node is not the leader; ``leader_id`` is the leader it knows of, if any."""
 
@@ -218,7 +232,7 @@ class BatchReply(_Msg):
     """The answers to ``SubmitBatchRequest``s that were ready together, in no particular order."""
 
     type: Literal["batch_reply"] = "batch_reply"
-    replies: list[Annotated[Union[SubmitReply, BalanceReply, RedirectReply, ErrorReply], Field(discriminator="type")]]
+    replies: list[Annotated[Union[SubmitResults, RedirectReply, ErrorReply], Field(discriminator="type")]]
 
 
 Message = Annotated[
@@ -233,6 +247,7 @@ Message = Annotated[
         ChainRequest,
         SubmitBatchRequest,
         SubmitReply,
+        SubmitResults,
         BalanceReply,
         StatusReply,
         ChainReply,
@@ -245,7 +260,7 @@ Message = Annotated[
 _adapter: TypeAdapter[Message] = TypeAdapter(Message)
 
 
-_FLAT = {SubmitReply, BalanceReply, StatusReply, RedirectReply, ErrorReply, RequestVoteMessage,
+_FLAT = {SubmitReply, SubmitResults, BalanceReply, StatusReply, RedirectReply, ErrorReply, RequestVoteMessage,
          RequestVoteResponse, AppendEntriesResponse}
 
 

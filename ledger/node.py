@@ -33,6 +33,7 @@ from ledger.messages import (
     SubmitBatchRequest,
     SubmitReply,
     SubmitRequest,
+    SubmitResults,
     TransferRow,
     trusted,
 )
@@ -54,6 +55,7 @@ class Waiter:
     client: ClientId
     req_id: str
     deadline: float
+    batch: bool = False  # answered with SubmitResults, block by block
 
 
 @dataclass
@@ -96,9 +98,9 @@ class LedgerNode:
 
     def on_client(self, client: ClientId, req: ClientRequest, now: float) -> None:
         if isinstance(req, SubmitBatchRequest):
-            self._on_submit(client, req.req_id, req.transfers, now)
+            self._on_submit(client, req.req_id, req.transfers, now, batch=True)
         elif isinstance(req, SubmitRequest):
-            self._on_submit(client, req.req_id, [req.transfer.row()], now)
+            self._on_submit(client, req.req_id, [req.transfer.row()], now, batch=False)
         elif isinstance(req, BalanceRequest):
             self._on_balance(client, req, now)
         elif isinstance(req, StatusRequest):
@@ -122,7 +124,7 @@ class LedgerNode:
 
     # ---- client requests -----------------------------------------------------------------------
 
-    def _on_submit(self, client: ClientId, req_id: str, rows: list[TransferRow], now: float) -> None:
+    def _on_submit(self, client: ClientId, req_id: str, rows: list[TransferRow], now: float, batch: bool) -> None:
         # No lookup of the ids here: a retry of an applied transfer goes through the log once
         # more and is answered with its first result when applied (state.LedgerState.apply).
         if not self.raft.is_leader:
@@ -131,7 +133,7 @@ class LedgerNode:
         if len(self.pending) + len(rows) > MAX_PENDING:
             self._reply(client, ErrorReply(req_id=req_id, error="leader overloaded, retry"))
             return
-        waiter = Waiter(client, req_id, now + CLIENT_WAIT_S)  # one for all the rows: they share it
+        waiter = Waiter(client, req_id, now + CLIENT_WAIT_S, batch)  # one for all the rows: they share it
         proposed, waiters = self.proposed, self.waiters
         for row in rows:
             tx_id = row[0]
@@ -204,23 +206,38 @@ class LedgerNode:
         if block is not None:
             self.log.info("block_appended", height=block.height, hash=block.hash,
                           tx_count=len(block.txs), index=block.index)
-            for t, reason in a.outcomes:
+            for row, reason in a.outcomes:
                 if reason is not None:
-                    self.log.info("transaction_rejected", tx_id=t.tx_id, reason=reason)
+                    self.log.info("transaction_rejected", tx_id=row[0], reason=reason)
         if not self.waiters and not self.proposed:
             return  # a follower: nobody to answer
+        batches: dict[tuple[ClientId, str, int, str], list[tuple[str, str, str | None, str]]] = {}
         for tx_id, res in a.earlier.items():
-            self._answer(tx_id, res)
-        for t, reason in a.outcomes:
-            if t.tx_id in self.waiters:
-                self._answer(t.tx_id, a.result(t, reason))
+            self._answer(tx_id, res, batches)
+        for row, reason in a.outcomes:
+            if row[0] in self.waiters:
+                self._answer(row[0], a.result(row, reason), batches)
             else:
-                self.proposed.discard(t.tx_id)
+                self.proposed.discard(row[0])
+        for (client, req_id, height, block_hash), results in batches.items():
+            self._reply(client, trusted(SubmitResults, {
+                "v": PROTOCOL_VERSION, "type": "submit_results", "req_id": req_id, "height": height,
+                "block_hash": block_hash, "results": results}))
 
-    def _answer(self, tx_id: str, res: TxResult) -> None:
+    def _answer(self, tx_id: str, res: TxResult,
+                batches: dict[tuple[ClientId, str, int, str], list[tuple[str, str, str | None, str]]]) -> None:
+        """Answer everyone waiting for ``tx_id``; rows for batch waiters are gathered in ``batches``."""
         self.proposed.discard(tx_id)
         for w in self.waiters.pop(tx_id, ()):
-            self._reply(w.client, _submit_reply(w.req_id, tx_id, res))
+            if w.batch:
+                key = (w.client, w.req_id, res.height, res.block_hash)
+                row = (tx_id, res.status, res.reason, res.transfer)
+                if (rows := batches.get(key)) is None:
+                    batches[key] = [row]
+                else:
+                    rows.append(row)
+            else:
+                self._reply(w.client, _submit_reply(w.req_id, tx_id, res))
 
     def _on_reads(self, rd: Ready) -> None:
         for ctx in rd.dropped_reads:

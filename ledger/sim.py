@@ -37,6 +37,7 @@ from ledger.messages import (
     SubmitReply,
     SubmitBatchRequest,
     SubmitRequest,
+    SubmitResults,
     Transfer,
 )
 from ledger.node import LedgerNode
@@ -252,7 +253,7 @@ class Simulation:
         self._send_peers(sn.id, out.peers)
         for client, reply in out.clients:
             self.send(f"n{sn.id}", str(client), reply)
-        if any(isinstance(r, SubmitReply) for _, r in out.clients):
+        if any(isinstance(r, (SubmitReply, SubmitResults)) for _, r in out.clients):
             # A leader that dies right after telling clients "committed" leaves followers that do
             # not know it yet: the next leader's commitIndex lags what clients saw (raft-cases C08).
             p = max(p, self.hot_crash_p / 4)
@@ -454,10 +455,11 @@ class Simulation:
             return
         op = c.op
         op.response = self.now
-        if isinstance(reply, SubmitReply):
-            op.status = reply.status
-            if reply.status == "committed" and self.rng.random() < 0.5:
-                assert op.transfer is not None
+        if isinstance(reply, (SubmitReply, SubmitResults)):
+            assert op.transfer is not None
+            op.status = reply.status if isinstance(reply, SubmitReply) else \
+                next(status for tx_id, status, _, _ in reply.results if tx_id == op.transfer.tx_id)
+            if op.status == "committed" and self.rng.random() < 0.5:
                 c.read_next = op.transfer.recipient  # read your write, likely from a new leader
         elif isinstance(reply, BalanceReply):
             op.value = reply.balance

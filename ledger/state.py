@@ -31,6 +31,8 @@ class TxResult(NamedTuple):
 class StateStore(Protocol):
     """Where applied state goes; written inside the driver's transaction (storage.Storage)."""
 
+    def claim_tx_ids(self, tx_ids: Sequence[str], height: int) -> bool: ...
+    def record_tx_ids(self, tx_ids: Sequence[str], height: int) -> None: ...
     def tx_results(self, tx_ids: Sequence[str]) -> dict[str, TxResult]: ...
     def put_applied(self, index: int, block: Block | None, balances: dict[str, int]) -> None: ...
 
@@ -92,25 +94,29 @@ def check_transfer(t: Transfer | _Tx, balances: dict[str, int]) -> str | None:
     return None
 
 
+Row = list  # a validated batch row: [tx_id, sender, recipient, amount]
+
+
 class Applied(NamedTuple):
     """What applying one entry did."""
 
     block: Block | None  # None if the entry held no transfer that was not applied before
-    # The transfers applied now, in block order, with the reason each was rejected (or None).
-    outcomes: list[tuple[_Tx, str | None]]
+    # The transfers applied now, as rows in block order, with the reason each was rejected (or None).
+    outcomes: list[tuple[Row, str | None]]
     # The first results of ids this entry carried that were applied before. An id reused for
     # another transfer reports a rejection that names the first one.
     earlier: dict[str, TxResult]
 
-    def result(self, t: _Tx, reason: str | None) -> TxResult:
-        """The result of ``t``, one of ``outcomes``."""
+    def result(self, row: Row, reason: str | None) -> TxResult:
+        """The result of ``row``, one of ``outcomes``."""
         assert self.block is not None
+        _, sender, recipient, amount = row
         return TxResult("committed" if reason is None else "rejected", reason, self.block.height, self.block.hash,
-                        transfer_key(t.sender, t.recipient, t.amount))
+                        transfer_key(sender, recipient, amount))
 
     def results(self) -> dict[str, TxResult]:
         """The result of every transfer id the entry carried."""
-        return {**self.earlier, **{t.tx_id: self.result(t, reason) for t, reason in self.outcomes}}
+        return {**self.earlier, **{row[0]: self.result(row, reason) for row, reason in self.outcomes}}
 
 
 class LedgerState:
@@ -132,19 +138,21 @@ class LedgerState:
         if entry.kind != EntryKind.TXS:
             self.store.put_applied(entry.index, None, {})
             return Applied(None, [], {})
-        ts, rows = _decode_rows(entry.data)
-        # Retries of ids applied before keep, and report, their first result (one query a batch).
-        earlier = self.store.tx_results([r[0] for r in rows if r is not None])
+        ts, decoded = _decode_rows(entry.data)
+        rows = [r for r in decoded if r is not None]
+        ids = list(dict.fromkeys(r[0] for r in rows))
+        height = self.head.height + 1
+        # Usually no id was applied before: then recording them all at this block's height is
+        # also the check (an insert that conflicts with none). Otherwise look up the earlier ones.
+        claimed = bool(ids) and self.store.claim_tx_ids(ids, height)
+        earlier = {} if claimed else self.store.tx_results(ids)
         seen: set[str] = set(earlier)
         bal = self.balances
         docs: list[dict] = []
         leaves: list[bytes] = []
-        outcomes: list[tuple[_Tx, str | None]] = []
+        outcomes: list[tuple[Row, str | None]] = []
         changed: set[str] = set()
         for r in rows:
-            if r is None:
-                continue
-            t = _Tx(*r)
             tx_id, sender, recipient, amount = r
             if tx_id in seen:
                 first = earlier.get(tx_id)
@@ -161,17 +169,19 @@ class LedgerState:
                 changed.add(sender)
                 changed.add(recipient)
             else:
-                reason = check_transfer(t, bal)
+                reason = check_transfer(_Tx(*r), bal)
                 assert reason is not None
                 status = "rejected"
-            outcomes.append((t, reason))
+            outcomes.append((r, reason))
             docs.append({"tx_id": tx_id, "sender": sender, "recipient": recipient, "amount": amount,
                          "status": status, "reason": reason})
             leaves.append(transfer_leaf(tx_id, sender, recipient, amount, status, reason))
         if not docs:
             self.store.put_applied(entry.index, None, {})
             return Applied(None, [], earlier)
-        block = make_block(self.head.height + 1, self.head.hash, entry.term, entry.index, ts, docs, leaves)
+        if not claimed:
+            self.store.record_tx_ids([r[0] for r, _ in outcomes], height)
+        block = make_block(height, self.head.hash, entry.term, entry.index, ts, docs, leaves)
         self.head = block
         self.store.put_applied(entry.index, block, {a: bal[a] for a in changed})
         return Applied(block, outcomes, earlier)

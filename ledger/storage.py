@@ -140,11 +140,27 @@ class Storage:
                                                 transfer_key(tx["sender"], tx["recipient"], tx["amount"]))
         return out
 
+    def claim_tx_ids(self, tx_ids: Sequence[str], height: int) -> bool:
+        """Record ``tx_ids`` (distinct) as applied at ``height``, if none of them was applied before.
+
+        Returns False, and records nothing, if one was: one insert instead of a lookup and an insert.
+        """
+        before = self.db.total_changes
+        self.db.execute("SAVEPOINT claim")
+        self.db.executemany("INSERT OR IGNORE INTO txs VALUES (?, ?)", [(t, height) for t in tx_ids])
+        if self.db.total_changes - before == len(tx_ids):
+            self.db.execute("RELEASE claim")
+            return True
+        self.db.execute("ROLLBACK TO claim")
+        self.db.execute("RELEASE claim")
+        return False
+
+    def record_tx_ids(self, tx_ids: Sequence[str], height: int) -> None:
+        self.db.executemany("INSERT INTO txs VALUES (?, ?)", [(t, height) for t in tx_ids])
+
     def put_applied(self, index: int, block: Block | None, balances: dict[str, int]) -> None:
         if block is not None:
             self._put_block(block)
-            h = block.height
-            self.db.executemany("INSERT INTO txs VALUES (?, ?)", [(tx["tx_id"], h) for tx in block.txs])
         if balances:
             self.db.executemany(
                 "INSERT INTO accounts VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET balance=excluded.balance",

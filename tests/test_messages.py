@@ -32,6 +32,7 @@ from ledger.messages import (
     SubmitBatchRequest,
     SubmitReply,
     SubmitRequest,
+    SubmitResults,
     Transfer,
     decode,
     encode,
@@ -72,12 +73,12 @@ EVERY_MESSAGE: list[BaseModel] = [
     RedirectReply(req_id="r6", leader_id=None),
     ErrorReply(req_id="", error="not ready, retry"),
     SubmitBatchRequest(req_id="b1", transfers=[("c1-42", "alice", "bob", 10), ("c1-43", "bob", "zed", -1)]),
+    SubmitResults(req_id="b1", height=4, block_hash="ab" * 32, results=[
+        ("c1-42", "committed", None, "alice>bob:10"), ("c1-43", "rejected", "unknown sender bob", "bob>zed:-1")]),
     BatchReply(replies=[
-        SubmitReply(req_id="b1", tx_id="c1-42", status="committed", height=4, block_hash="ab" * 32,
-                    transfer="alice>bob:10"),
+        SubmitResults(req_id="b1", height=4, block_hash="ab" * 32, results=[("c1-42", "committed", None, "alice>bob:10")]),
         RedirectReply(req_id="b2", leader_id=1),
         ErrorReply(req_id="b3", error="leader overloaded, retry"),
-        BalanceReply(req_id="r2", account="alice", balance=90, exists=True, applied_index=12),
     ]),
 ]
 
@@ -103,7 +104,7 @@ def test_every_message_type_is_covered():
     assert types == {
         "request_vote", "request_vote_response", "append_entries", "append_entries_response",
         "submit", "balance", "status", "chain", "submit_reply", "balance_reply", "status_reply",
-        "chain_reply", "redirect", "error", "submit_batch", "batch_reply",
+        "chain_reply", "redirect", "error", "submit_batch", "submit_results", "batch_reply",
     }
 
 
@@ -323,6 +324,14 @@ def test_batch_size_limits():
     raw["transfers"].append(["one-more", "alice", "bob", 1])
     assert reason(raw).startswith(f"invalid message: submit_batch.transfers: List should have at most "
                                   f"{MAX_BATCH_TRANSFERS} items")
+
+
+def test_results_rows_are_checked():
+    raw = raw_of(EVERY_MESSAGE[-2])
+    raw["results"][1][1] = "pending"
+    assert reason(raw).startswith("invalid message: submit_results.results.1.1: ")
+    raw["results"][1] = ["c1-43", "rejected", None]
+    assert reason(raw).startswith("invalid message: submit_results.results.1.3: Field required")
 
 
 def test_batch_reply_fast_encoding_is_the_model_encoding():

@@ -14,6 +14,7 @@ from ledger.messages import (
     SubmitBatchRequest,
     SubmitReply,
     SubmitRequest,
+    SubmitResults,
     Transfer,
 )
 from ledger.node import LedgerNode
@@ -57,34 +58,41 @@ def leader() -> LedgerNode:
     raise AssertionError("a one-node cluster did not elect itself")
 
 
-def test_a_batch_is_answered_transfer_by_transfer(leader: LedgerNode) -> None:
+def test_a_batch_is_answered_block_by_block(leader: LedgerNode) -> None:
     rows = [("b1", "alice", "bob", 30), ("b2", "alice", "bob", 80), ("b3", "zed", "bob", 1), ("b1", "alice", "bob", 30)]
     leader.on_client("c", SubmitBatchRequest(req_id="r1", transfers=rows), 0.0)
     replies = settle(leader)
-    assert all(client == "c" for client, _ in replies)
-    got = sorted((r.tx_id, r.status, r.reason) for _, r in replies if isinstance(r, SubmitReply))
-    assert got == [
-        ("b1", "committed", None),
-        ("b1", "committed", None),  # it was in the batch twice: answered twice, applied once
-        ("b2", "rejected", "insufficient funds: balance 70, amount 80"),
-        ("b3", "rejected", "unknown sender zed"),
-    ]
-    assert {r.req_id for _, r in replies} == {"r1"}
+    head = leader.state.head
+    assert replies == [("c", SubmitResults(req_id="r1", height=head.height, block_hash=head.hash, results=[
+        ("b1", "committed", None, "alice>bob:30"),
+        ("b1", "committed", None, "alice>bob:30"),  # it was in the batch twice: answered twice, applied once
+        ("b2", "rejected", "insufficient funds: balance 70, amount 80", "alice>bob:80"),
+        ("b3", "rejected", "unknown sender zed", "zed>bob:1"),
+    ]))]
     assert leader.state.balances == {"alice": 70, "bob": 30}
-    assert [tx["tx_id"] for tx in leader.state.head.txs] == ["b1", "b2", "b3"]
+    assert [tx["tx_id"] for tx in head.txs] == ["b1", "b2", "b3"]
     assert not leader.waiters and not leader.proposed and not leader.pending
 
 
-def test_a_batch_retried_singly_gets_the_first_result(leader: LedgerNode) -> None:
+def test_retries_are_answered_with_the_block_they_are_in(leader: LedgerNode) -> None:
     leader.on_client("c", SubmitBatchRequest(req_id="r1", transfers=[("x1", "alice", "bob", 5)]), 0.0)
     first = settle(leader)[0][1]
     t = Transfer(tx_id="x1", sender="alice", recipient="bob", amount=5)
     leader.on_client("d", SubmitRequest(req_id="r2", transfer=t), 0.0)
-    again = settle(leader)[0][1]
-    assert isinstance(first, SubmitReply) and isinstance(again, SubmitReply)
-    assert (again.req_id, again.status, again.height, again.block_hash) == ("r2", "committed", first.height,
-                                                                             first.block_hash)
-    assert leader.state.balances == {"alice": 95, "bob": 5}
+    single = settle(leader)[0][1]
+    leader.on_client("c", SubmitBatchRequest(req_id="r3", transfers=[("x1", "alice", "bob", 5), ("x2", "bob", "alice", 1)]), 0.0)
+    batch = [r for _, r in settle(leader)]
+    assert isinstance(first, SubmitResults) and isinstance(single, SubmitReply)
+    assert (single.req_id, single.status, single.height, single.block_hash) == ("r2", "committed", first.height,
+                                                                                first.block_hash)
+    head = leader.state.head
+    assert sorted(batch, key=lambda r: r.height) == [  # type: ignore[attr-defined]
+        SubmitResults(req_id="r3", height=first.height, block_hash=first.block_hash,
+                      results=[("x1", "committed", None, "alice>bob:5")]),
+        SubmitResults(req_id="r3", height=head.height, block_hash=head.hash,
+                      results=[("x2", "committed", None, "bob>alice:1")]),
+    ]
+    assert leader.state.balances == {"alice": 96, "bob": 4}
 
 
 def test_a_batch_to_a_follower_gets_one_redirect() -> None:
@@ -100,5 +108,5 @@ def test_an_overloaded_leader_refuses_the_whole_batch(leader: LedgerNode, monkey
     leader.on_client("c", SubmitBatchRequest(req_id="r2", transfers=[("c", "alice", "bob", 1), ("d", "alice", "bob", 1)]), 0.0)
     replies = [r for _, r in settle(leader)]
     assert ErrorReply(req_id="r2", error="leader overloaded, retry") in replies
-    assert sorted(r.tx_id for r in replies if isinstance(r, SubmitReply)) == ["a", "b"]
+    assert [row[0] for r in replies if isinstance(r, SubmitResults) for row in r.results] == ["a", "b"]
     assert leader.state.balances == {"alice": 98, "bob": 2}

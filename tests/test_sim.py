@@ -187,7 +187,10 @@ def test_teeth_new_leader_reads_before_its_own_term_commits(monkeypatch: pytest.
         role.pending_reads = [(ctx, seq) for ctx, seq in role.pending_reads if seq > confirmed]
 
     monkeypatch.setattr(raft.RaftNode, "_release_reads", release_reads)
-    found = first_violation(range(300), nodes=5)  # a lagging commitIndex is likelier among five
+    # The rarest schedule here (about one seed in 500): a leader dies right after answering
+    # "committed", a follower that lacks the entry elects the next one, and a read reaches it
+    # within a round trip. test_raft_cases pins the schedule itself.
+    found = first_violation(range(600))
     assert found is not None and "linearizability" in found, found
 
 
