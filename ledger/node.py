@@ -2,9 +2,11 @@
 
 ``LedgerNode`` is what both the real server (``server.py``: ZeroMQ, wall clock) and the
 deterministic simulator drive. Inputs: Raft messages, client requests, ticks, and the current
-time passed in. ``flush()`` proposes the pending transfers, handles the core's Ready (persist in
-one transaction, then apply) and returns what to send: Raft messages to peers and replies to
-clients. The caller sends them after ``flush()`` returns, i.e. after the fsync.
+time passed in. ``flush()`` proposes the pending transfers and handles the core's Ready in the
+order Raft needs: a leader's appends out; hard state and new entries persisted with one fsync;
+votes and acknowledgements out; committed entries applied; clients answered. Peer messages go
+out through ``send_now`` as soon as they may; replies to clients are returned in the Outbox and
+sent after ``flush()`` returns.
 """
 
 from __future__ import annotations
@@ -67,10 +69,12 @@ class Outbox:
 class LedgerNode:
     def __init__(self, node_id: int, members: list[int], storage: Storage, raft_config: RaftConfig,
                  rng: random.Random, log: Any,
-                 send_early: Callable[[list[RaftMessage]], None] | None = None) -> None:
+                 send_now: Callable[[list[RaftMessage]], None] | None = None) -> None:
         self.id = node_id
-        # Sends a leader's appends at once, before its own fsync; without it they wait for it.
-        self.send_early = send_early
+        # Sends peer messages in the middle of flush(): a leader's appends before its own fsync,
+        # acknowledgements right after it, before the entries are applied. Without it they wait
+        # in the Outbox until flush() returns.
+        self.send_now = send_now
         self.storage = storage
         self.log = log
         rec = storage.load()
@@ -179,27 +183,36 @@ class LedgerNode:
     # ---- Ready -----------------------------------------------------------------------------------
 
     def _handle_ready(self, rd: Ready) -> None:
-        applied: list[Applied] = []
-        if self.send_early is not None:
-            self.send_early(rd.early_messages)
-        else:
-            self.out.peers.extend(rd.early_messages)
-        if rd.hard_state is not None or rd.truncate_from is not None or rd.committed:
-            with self.storage.transaction():  # one fsync for all of it, before anything is sent
+        self._send(rd.early_messages)  # a leader's appends depend on nothing unsynced
+        if rd.hard_state is not None or rd.truncate_from is not None:
+            with self.storage.transaction():  # one fsync, before anything that depends on it is sent
                 if rd.hard_state is not None:
                     self.storage.save_hard_state(rd.hard_state)
                 if rd.truncate_from is not None:
                     self.storage.save_entries(rd.truncate_from, rd.entries)
-                for entry in rd.committed:
-                    applied.append(self.state.apply(entry))
             self.raft.persisted(rd)
-        self.out.peers.extend(rd.messages)
+        # Votes and acknowledgements go before applying: a follower busy applying a big block
+        # must not hold up the leader's next commit.
+        self._send(rd.messages)
+        applied: list[Applied] = []
+        if rd.committed:
+            # Not fsynced on its own: the entries are durable already, and what a power loss
+            # takes from the applied state is applied again from them (the applied index moves
+            # with it). The next fsync of the log covers it as well (one write-ahead log).
+            with self.storage.transaction(durable=False):
+                applied = [self.state.apply(entry) for entry in rd.committed]
         for name, fields in rd.events:
             (self.log.debug if name == "committed" else self.log.info)(name, **fields)
         for a in applied:
             self._on_applied(a)
         self._on_reads(rd)
         self._on_role()
+
+    def _send(self, msgs: list[RaftMessage]) -> None:
+        if self.send_now is not None:
+            self.send_now(msgs)
+        else:
+            self.out.peers.extend(msgs)
 
     def _on_applied(self, a: Applied) -> None:
         block = a.block

@@ -60,7 +60,7 @@ class Server:
         height = self.storage.verify_chain()
         self.transport = ZeroMQServer(node_id, cfg.nodes, self.log)
         self.node = LedgerNode(node_id, list(cfg.nodes), self.storage, raft_config(cfg),
-                               random.Random(), self.log, send_early=self._send_peers)
+                               random.Random(), self.log, send_now=self._send_peers)
         self.tick_s = cfg.tick_ms / 1000
         self.running = False
         raft = self.node.raft

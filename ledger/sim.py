@@ -92,6 +92,8 @@ class SimNode:
     applied_seen: int = 0
     height_seen: int = 0
     chain_ids: set[str] = field(default_factory=set)
+    was_leader: bool = False  # at the start of the flush under way
+    doomed: bool = False  # crashes when the flush under way is done
 
 
 @dataclass
@@ -141,6 +143,9 @@ class Simulation:
                                       max_append_entries=self.rng.choice([1, 1, 2, 64]),
                                       pre_vote=extensions, check_quorum=extensions)
         self.crash_p = self.rng.choice(CRASH_PS)
+        # How often the nemesis strikes (ms between its moves): from relentless to now and then,
+        # so that some seeds see long stretches of progress between faults.
+        self.nemesis_gap = self.rng.choice([(50, 800), (50, 800), (300, 2000), (1000, 4000)])
         self.hot_crash_p = self.rng.choice([0.02, 0.1, 0.25]) if self.crash_p else self.rng.choice([0.0, 0.02])
         self.nodes: dict[int, SimNode] = {}
         for i in self.ids:
@@ -187,7 +192,7 @@ class Simulation:
         sn.epoch += 1
         sn.ledger = LedgerNode(sn.id, self.ids, sn.storage, self.raft_config,
                                random.Random(self.rng.random()), _Recorder(self, sn.id),
-                               send_early=lambda msgs, i=sn.id: self._send_early(i, msgs))
+                               send_now=lambda msgs, i=sn.id: self._send_now(i, msgs))
         sn.commit_seen = sn.ledger.raft.commit_index
         self.at(self._tick_period(sn), "tick", (sn.id, sn.epoch))
 
@@ -238,12 +243,17 @@ class Simulation:
     def _flush(self, sn: SimNode, before: tuple[int, int | None, str, int | None]) -> None:
         """Handle the node's Ready, check invariants, and send (unless it crashes first)."""
         assert sn.ledger is not None
+        sn.was_leader = before[2] == "leader"
         try:
             out = sn.ledger.flush(self.now + sn.offset_ms)
         except _Killed:
-            self._bounce(sn.id)  # its early appends left; nothing of this Ready reached its disk
+            self._bounce(sn.id)  # died in the middle: what it sent is out, its disk has what it wrote so far
             return
         self._check_node(sn)
+        if sn.doomed:
+            sn.doomed = False
+            self._bounce(sn.id)  # a new leader that wrote its first entry and told no one (Figure 8)
+            return
         # Crashes are likelier at the instants that matter (BUGGIFY-style).
         p = self.crash_p if self._moment(sn) == before else self.hot_crash_p
         fault = self.rng.random() if self.faults and not self.stopping else 1.0
@@ -269,8 +279,17 @@ class Simulation:
                     self.fail(f"n{node_id} voted for n{voted} and n{m.dst} in term {m.term}")
             self.send(f"n{node_id}", f"n{m.dst}", m)
 
-    def _send_early(self, node_id: int, msgs: list[RaftMessage]) -> None:
-        """A leader's appends leave before its own fsync: a crash right then loses its copy only."""
+    def _send_now(self, node_id: int, msgs: list[RaftMessage]) -> None:
+        """Messages a node sends in the middle of its flush: a leader's appends before its own
+        fsync (a crash right then loses its copy only), acknowledgements before applying."""
+        sn = self.nodes[node_id]
+        if self.faults and not self.stopping and msgs and not sn.was_leader and sn.ledger is not None \
+                and sn.ledger.raft.is_leader and self.rng.random() < self.hot_crash_p:
+            # A new leader whose first appends are lost and which dies once its own entry is on
+            # its disk: how Figure 8 (raft-cases C01) begins, rare without a nudge.
+            sn.doomed = True
+            self.trace_line(f"n{node_id} loses its first appends and will die after its fsync")
+            return
         self._send_peers(node_id, msgs)
         if msgs and self.faults and not self.stopping and self.rng.random() < self.hot_crash_p / 4:
             raise _Killed
@@ -326,7 +345,7 @@ class Simulation:
         elif kind == "nemesis":
             if not self.stopping:
                 self._nemesis()
-                self.at(self.rng.randint(50, 800), "nemesis", None)
+                self.at(self.rng.randint(*self.nemesis_gap), "nemesis", None)
 
     def _deliver_to_node(self, src: str, node_id: int, payload: Any) -> None:
         sn = self.nodes[node_id]

@@ -1,10 +1,13 @@
 """Durable state of one node in SQLite: Raft term/vote and log, the chain, balances, results.
 
-One database file per node, WAL mode with ``synchronous=FULL`` so every COMMIT is fsynced.
-The driver wraps each Ready in one transaction (``with storage.transaction():``), so the log,
-the hard state and everything applied reach disk together, with one fsync (group commit),
-before any message that depends on them is sent. SQLite's journal makes a torn write at a crash
-roll back to the last commit.
+One database file per node in WAL mode. The driver wraps each Ready's hard state and new log
+entries in one fsynced transaction (``with storage.transaction():``, ``synchronous=FULL``), so
+they reach disk together, with one fsync (group commit), before any message that depends on
+them is sent. Applying committed entries is a transaction of its own that is not fsynced: the
+entries are durable already, and the write-ahead log keeps commits in order, so a power loss
+can only take the latest applied state, which is applied again from the log (the applied index
+moves atomically with it). SQLite's journal makes a torn write at a crash roll back to the last
+commit.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class Storage:
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open {path}: {exc}") from None
         self._in_tx = False
+        self._durable = True
         gen = genesis_block(genesis)
         stored = self._meta("genesis_hash")
         if stored is None:
@@ -84,11 +88,20 @@ class Storage:
     # ---- transactions ------------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One atomic, fsynced unit of writes. Nested use joins the outer transaction."""
+    def transaction(self, durable: bool = True) -> Iterator[None]:
+        """One atomic unit of writes, fsynced unless ``durable`` is False. Nested use joins the
+        outer transaction.
+
+        A transaction that is not fsynced is still atomic and in order: after a power loss the
+        database is as it was after some earlier commit, and the next fsynced commit makes it
+        durable along with everything before it (one write-ahead log).
+        """
         if self._in_tx:
             yield
             return
+        if durable != self._durable:
+            self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
         self.db.execute("BEGIN IMMEDIATE")
         self._in_tx = True
         try:
