@@ -38,6 +38,8 @@ from ledger.cluster import LocalCluster, free_ports
 from ledger.messages import MAX_BATCH_TRANSFERS
 
 REQUEST_TIMEOUT_S = 2.0
+# Client counts of --sweep: up to where PySyncObj stops gaining (about 16k here).
+SWEEP_CLIENTS = [1, 16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
 # ---- load worker (a separate process) -----------------------------------------------------------
 
@@ -53,6 +55,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     accounts = [f"acct{i}" for i in range(spec["accounts"])]
     rng = random.Random(spec["seed"])
     randrange, n_accounts = rng.randrange, len(accounts)
+    random_ids = spec.get("ids", "random") == "random"
     ctx = zmq.Context()
     socks: dict[int, zmq.Socket] = {}
     poller = zmq.Poller()
@@ -102,7 +105,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         nonlocal issued
         issued += 1
         i, j = randrange(n_accounts), randrange(n_accounts - 1)  # two distinct accounts, cheaply
-        row = (f"{prefix}-{issued}", accounts[i], accounts[j + (j >= i)], randrange(1, 101))
+        # Ids as clients choose them (the CLI: a random UUID), so the id index sees random keys.
+        tx_id = f"{rng.getrandbits(128):032x}" if random_ids else f"{prefix}-{issued}"
+        row = (tx_id, accounts[i], accounts[j + (j >= i)], randrange(1, 101))
         op = [row, now, now, leader, ""]
         inflight[row[0]] = op
         send(op, leader, now)
@@ -497,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--clients and --count must be positive, --duration positive, --accounts at least 2")
     record: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     results: list[Result] = []
-    counts = [1, 16, 64, 256, 512, 1024] if args.sweep else [args.clients]
+    counts = SWEEP_CLIENTS if args.sweep else [args.clients]
     duration = args.duration if args.count is None else 1e9  # --count: run until all are answered
     for c in counts:
         for _ in range(args.rounds):
@@ -507,20 +512,27 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     record["results"] = [asdict(r) for r in results]
     if args.compare:
+        pairs = [(a, b) for a, b in zip(results[::2], results[1::2])]
+        print("\nours / PySyncObj at the same client count:")
+        for a, b in pairs:
+            r = _ratios(a, b)
+            print(f"  {a.clients:>6} clients: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
         ours = max((r for r in results if r.system == "raftledger"), key=lambda r: r.throughput)
         theirs = max((r for r in results if r.system == "pysyncobj"), key=lambda r: r.throughput)
-        ratio = {
-            "throughput": ours.throughput / theirs.throughput,
-            "p50": ours.p50_ms / theirs.p50_ms,
-            "p99": ours.p99_ms / theirs.p99_ms,
-            "cpu": sum(ours.cpu_s) / max(sum(theirs.cpu_s), 1e-9),
-            "peak_rss": sum(ours.peak_rss_mb) / max(sum(theirs.peak_rss_mb), 1e-9),
-        }
+        ratio = _ratios(ours, theirs)
         record["ratio_ours_over_pysyncobj"] = ratio
-        print("\nours / PySyncObj, best run of each: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+        print(f"ours / PySyncObj, each at its best client count ({ours.clients} and {theirs.clients}): "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
         print(f"durability: raftledger: {ours.durability}; PySyncObj: {theirs.durability}")
+    ours_runs = [r for r in results if r.system == "raftledger"]
+    if len({r.clients for r in ours_runs}) > 1:
+        peak = max(ours_runs, key=lambda r: r.throughput)
+        half = min(ours_runs, key=lambda r: abs(r.throughput - peak.throughput / 2))
+        record["half_peak"] = asdict(half)
+        print(f"\nat about half the peak ({half.throughput:.0f} of {peak.throughput:.0f} tx/s, {half.clients} clients): "
+              f"p99 {half.p99_ms:.1f} ms")
     if args.ceiling:
-        n = args.count or 100_000
+        n = args.count or 300_000
         ceil = ceiling(n, args.accounts)
         best = max(r.throughput for r in results if r.system == "raftledger")
         record["ceiling"] = {"transfers_per_s": ceil, "replicated_fraction": best / ceil}
@@ -539,6 +551,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2))
     return 0
+
+
+def _ratios(ours: Result, theirs: Result) -> dict[str, float]:
+    return {
+        "throughput": ours.throughput / theirs.throughput,
+        "p50": ours.p50_ms / theirs.p50_ms,
+        "p99": ours.p99_ms / theirs.p99_ms,
+        "cpu": sum(ours.cpu_s) / max(sum(theirs.cpu_s), 1e-9),
+        "peak_rss": sum(ours.peak_rss_mb) / max(sum(theirs.peak_rss_mb), 1e-9),
+    }
 
 
 def _plot(results: list[Result], path: str) -> None:

@@ -31,7 +31,6 @@ class TxResult(NamedTuple):
 class StateStore(Protocol):
     """Where applied state goes; written inside the driver's transaction (storage.Storage)."""
 
-    def claim_tx_ids(self, tx_ids: Sequence[str], height: int) -> bool: ...
     def record_tx_ids(self, tx_ids: Sequence[str], height: int) -> None: ...
     def tx_results(self, tx_ids: Sequence[str]) -> dict[str, TxResult]: ...
     def put_applied(self, index: int, block: Block | None, balances: dict[str, int]) -> None: ...
@@ -141,11 +140,8 @@ class LedgerState:
         ts, decoded = _decode_rows(entry.data)
         rows = [r for r in decoded if r is not None]
         ids = list(dict.fromkeys(r[0] for r in rows))
-        height = self.head.height + 1
-        # Usually no id was applied before: then recording them all at this block's height is
-        # also the check (an insert that conflicts with none). Otherwise look up the earlier ones.
-        claimed = bool(ids) and self.store.claim_tx_ids(ids, height)
-        earlier = {} if claimed else self.store.tx_results(ids)
+        # Retries of ids applied before keep, and report, their first result (one lookup a batch).
+        earlier = self.store.tx_results(ids)
         seen: set[str] = set(earlier)
         bal = self.balances
         docs: list[dict] = []
@@ -179,8 +175,8 @@ class LedgerState:
         if not docs:
             self.store.put_applied(entry.index, None, {})
             return Applied(None, [], earlier)
-        if not claimed:
-            self.store.record_tx_ids([r[0] for r, _ in outcomes], height)
+        height = self.head.height + 1
+        self.store.record_tx_ids([r[0] for r, _ in outcomes], height)
         block = make_block(height, self.head.hash, entry.term, entry.index, ts, docs, leaves)
         self.head = block
         self.store.put_applied(entry.index, block, {a: bal[a] for a in changed})

@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.chain import Block, ChainError, genesis_block, verify_block
-from ledger.messages import Entry, EntryKind, transfer_key
+from ledger.messages import Entry, EntryKind, one_line, transfer_key
 from ledger.raft import HardState
 from ledger.state import TxResult
+from ledger.txindex import MemoryTxIndex, RocksTxIndex, TxIndex
 
 # 2: a transfer's result no longer repeats its block's hash. 3: it is only the block's height
-# (status, reason and transfer are read from the block when a retry asks for them).
-SCHEMA_VERSION = 3
+# (status, reason and transfer are read from the block when a retry asks for them). 4: the
+# id -> height index moved to RocksDB (txindex.py).
+SCHEMA_VERSION = 4
 _SQL_VARS = 500  # ids per IN (...) query, below SQLite's limit on bound parameters
 
 _SCHEMA = """
@@ -34,7 +36,6 @@ CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, term INTEGER NOT NULL,
                                 kind TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks (height INTEGER PRIMARY KEY, hash TEXT NOT NULL, doc BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS txs (tx_id TEXT PRIMARY KEY, height INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS accounts (name TEXT PRIMARY KEY, balance INTEGER NOT NULL) WITHOUT ROWID;
 """
 
@@ -84,6 +85,26 @@ class Storage:
             raise StorageError(f"{path} holds a chain with another genesis block than this config's")
         elif (schema := self._meta("schema")) != SCHEMA_VERSION:
             raise StorageError(f"{path} has storage format {schema!r}; this version reads format {SCHEMA_VERSION}")
+        self.head_height = self.head().height
+        self.index = self._open_index(path)
+
+    def _open_index(self, path: Path | str) -> TxIndex:
+        """The id index, caught up with the chain (after a power loss, or if it was removed)."""
+        if path == ":memory:":
+            index: TxIndex = MemoryTxIndex()
+        else:
+            where = Path(f"{path}.txindex")
+            try:
+                index = RocksTxIndex(where)
+            except Exception as exc:  # rocksdict raises plain Exceptions (lock held, corruption)
+                raise StorageError(one_line(f"cannot open {where}: {exc}")) from None
+        try:
+            for start in range(index.height + 1, self.head_height + 1, 256):
+                for block in self.blocks(start, min(start + 255, self.head_height)):
+                    index.record([tx["tx_id"] for tx in block.txs], block.height)
+        except ValueError:
+            pass  # a damaged block: verify_chain() names it, and the node refuses to start
+        return index
 
     # ---- transactions ------------------------------------------------------------------------
 
@@ -108,6 +129,7 @@ class Storage:
             yield
         except BaseException:
             self.db.execute("ROLLBACK")
+            self.head_height = self.head().height
             raise
         else:
             self.db.execute("COMMIT")
@@ -116,6 +138,7 @@ class Storage:
 
     def close(self) -> None:
         self.db.close()
+        self.index.close()
 
     # ---- Raft ----------------------------------------------------------------------------------
 
@@ -137,39 +160,24 @@ class Storage:
 
     def tx_results(self, tx_ids: Sequence[str]) -> dict[str, TxResult]:
         """The stored results of those of ``tx_ids`` that were applied."""
-        heights: dict[int, list[str]] = {}
-        for k in range(0, len(tx_ids), _SQL_VARS):
-            chunk = tx_ids[k : k + _SQL_VARS]
-            marks = ",".join("?" * len(chunk))
-            for tx_id, height in self.db.execute(f"SELECT tx_id, height FROM txs WHERE tx_id IN ({marks})", chunk):
-                heights.setdefault(height, []).append(tx_id)
+        if self.index.height < self.head_height:
+            raise StorageError(f"the transfer id index stops at height {self.index.height}, the chain goes "
+                               f"on to {self.head_height}: a block in between is damaged")
+        heights: dict[int, set[str]] = {}
+        for tx_id, height in self.index.heights(tx_ids).items():
+            if height <= self.head_height:  # above the head: a block to be applied again (txindex)
+                heights.setdefault(height, set()).add(tx_id)
         out: dict[str, TxResult] = {}
-        for height, ids in heights.items():  # only retries get here: read their blocks back
+        for height, wanted in heights.items():  # only retries get here: read their blocks back
             block = self.blocks(height, height)[0]
-            wanted = set(ids)
             for tx in block.txs:
                 if tx["tx_id"] in wanted:
                     out[tx["tx_id"]] = TxResult(tx["status"], tx["reason"], height, block.hash,
                                                 transfer_key(tx["sender"], tx["recipient"], tx["amount"]))
         return out
 
-    def claim_tx_ids(self, tx_ids: Sequence[str], height: int) -> bool:
-        """Record ``tx_ids`` (distinct) as applied at ``height``, if none of them was applied before.
-
-        Returns False, and records nothing, if one was: one insert instead of a lookup and an insert.
-        """
-        before = self.db.total_changes
-        self.db.execute("SAVEPOINT claim")
-        self.db.executemany("INSERT OR IGNORE INTO txs VALUES (?, ?)", [(t, height) for t in tx_ids])
-        if self.db.total_changes - before == len(tx_ids):
-            self.db.execute("RELEASE claim")
-            return True
-        self.db.execute("ROLLBACK TO claim")
-        self.db.execute("RELEASE claim")
-        return False
-
     def record_tx_ids(self, tx_ids: Sequence[str], height: int) -> None:
-        self.db.executemany("INSERT INTO txs VALUES (?, ?)", [(t, height) for t in tx_ids])
+        self.index.record(tx_ids, height)
 
     def put_applied(self, index: int, block: Block | None, balances: dict[str, int]) -> None:
         if block is not None:
@@ -226,15 +234,14 @@ class Storage:
         return [_block_from_row(r[0]) for r in rows]
 
     def verify_chain(self) -> int:
-        """Check every stored block's hash, Merkle root and link, and that the balances, results
-        and applied index stored beside the chain are the ones it implies; return its height.
+        """Check every stored block's hash, Merkle root and link, and that the balances and the
+        applied index stored beside the chain are the ones it implies; return its height.
 
         Raises ChainError naming the first bad height, or StorageError.
         """
         prev: Block | None = None
         expected = 0
         balances: dict[str, int] = {}
-        results = 0
         for height, stored_hash, doc in self.db.execute("SELECT height, hash, doc FROM blocks ORDER BY height"):
             if height != expected:
                 raise ChainError(expected, "block missing")
@@ -252,7 +259,6 @@ class Storage:
             if height == 0:
                 balances = {tx["account"]: tx["balance"] for tx in block.txs}
             for tx in block.txs if height else ():
-                results += 1
                 if tx["status"] == "committed":
                     balances[tx["sender"]] = balances.get(tx["sender"], 0) - tx["amount"]
                     balances[tx["recipient"]] = balances.get(tx["recipient"], 0) + tx["amount"]
@@ -264,8 +270,6 @@ class Storage:
         if stored != balances:
             wrong = sorted(k for k in stored.keys() | balances.keys() if stored.get(k) != balances.get(k))
             raise StorageError(f"stored balances differ from the chain's (first: {wrong[0]})")
-        if self.db.execute("SELECT count(*) FROM txs").fetchone()[0] != results:
-            raise StorageError("stored transfer results differ from the chain's")
         applied = self._meta("applied")
         if type(applied) is not int or applied < prev.index:
             raise StorageError(f"applied index {applied!r} is behind the chain's head (log index {prev.index})")
@@ -274,6 +278,7 @@ class Storage:
     # ---- internals -------------------------------------------------------------------------------
 
     def _put_block(self, block: Block) -> None:
+        self.head_height = block.height
         self.db.execute(
             "INSERT INTO blocks VALUES (?, ?, ?)",
             (block.height, block.hash, block.to_json().decode()),

@@ -1,0 +1,122 @@
+"""The transfer id index: the same answers in memory and in RocksDB, rebuilt from the chain."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ledger.chain import ChainError
+from ledger.messages import Entry, EntryKind
+from ledger.state import LedgerState, TxResult, encode_batch
+from ledger.storage import Storage, StorageError
+from ledger.txindex import MemoryTxIndex, RocksTxIndex, TxIndex
+
+GENESIS = {"alice": 1000, "bob": 0}
+
+
+@pytest.fixture(params=["memory", "rocksdb"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> TxIndex:
+    idx: TxIndex = MemoryTxIndex() if request.param == "memory" else RocksTxIndex(tmp_path / "idx")
+    yield idx
+    idx.close()
+
+
+def test_both_indexes_answer_alike(index: TxIndex) -> None:
+    assert index.height == 0
+    assert index.heights(["a", "b"]) == {}
+    index.record(["a", "b"], 1)
+    index.record(["c"], 2)
+    assert index.heights(["c", "x", "a"]) == {"c": 2, "a": 1}
+    assert index.height == 2
+    index.record(["b"], 1)  # a block recorded again (applied again after a power loss): same height
+    assert (index.heights(["b"]), index.height) == ({"b": 1}, 2)
+    ids = [uuid.uuid4().hex for _ in range(5000)]
+    index.record(ids, 3)
+    assert index.heights(ids[::1000] + ["nope"]) == {i: 3 for i in ids[::1000]}
+
+
+def test_rocksdb_index_survives_reopening(tmp_path: Path) -> None:
+    idx = RocksTxIndex(tmp_path / "idx")
+    idx.record(["a"], 4)
+    idx.close()
+    again = RocksTxIndex(tmp_path / "idx")
+    assert (again.heights(["a"]), again.height) == ({"a": 4}, 4)
+    again.close()
+
+
+def entry(index: int, rows: list[tuple[str, str, str, int]]) -> Entry:
+    return Entry(index=index, term=1, kind=EntryKind.TXS, data=encode_batch(1_700_000_000_000 + index, rows))
+
+
+def apply_all(s: Storage, entries: list[Entry]) -> LedgerState:
+    rec = s.load()
+    state = LedgerState(s, rec.balances, rec.head, rec.applied)
+    with s.transaction():
+        s.save_entries(1, entries)
+        for e in entries:
+            state.apply(e)
+    return state
+
+
+def test_a_lost_index_is_rebuilt_from_the_chain(tmp_path: Path) -> None:
+    db = tmp_path / "node.db"
+    entries = [entry(i, [(f"t{i}-{k}", "alice", "bob", 1) for k in range(50)]) for i in range(1, 7)]
+    s = Storage(db, GENESIS)
+    apply_all(s, entries)
+    first = s.tx_result("t3-7")
+    s.close()
+    shutil.rmtree(f"{db}.txindex")
+    s = Storage(db, GENESIS)
+    assert s.index.height == 6
+    assert s.tx_result("t3-7") == first == TxResult("committed", None, 3, first.block_hash, "alice>bob:1")
+    # a retry of any of them is still answered with its first result and pays nothing
+    rec = s.load()
+    state = LedgerState(s, rec.balances, rec.head, rec.applied)
+    with s.transaction():
+        applied = state.apply(entry(7, [("t1-0", "alice", "bob", 1), ("new", "alice", "bob", 1)]))
+    assert applied.results()["t1-0"].height == 1
+    assert [r[0] for r, _ in applied.outcomes] == ["new"]
+    assert state.balances == {"alice": 1000 - 301, "bob": 301}
+    s.close()
+
+
+def test_ids_recorded_above_the_head_do_not_count(tmp_path: Path) -> None:
+    """A power loss took applied state whose ids had reached the index: those blocks are applied again."""
+    db = tmp_path / "node.db"
+    s = Storage(db, GENESIS)
+    apply_all(s, [entry(1, [("a", "alice", "bob", 5)])])
+    s.record_tx_ids(["b", "c"], 2)  # as if block 2 had been applied and then lost
+    assert s.tx_result("b") is None
+    rec = s.load()
+    state = LedgerState(s, rec.balances, rec.head, rec.applied)
+    with s.transaction():
+        again = state.apply(entry(2, [("b", "alice", "bob", 1), ("c", "alice", "bob", 2)]))
+    assert again.block is not None and again.block.height == 2 and again.earlier == {}
+    assert s.tx_result("c") == TxResult("committed", None, 2, again.block.hash, "alice>bob:2")
+    s.close()
+
+
+def test_a_damaged_block_stops_the_rebuild_and_the_node(tmp_path: Path) -> None:
+    db = tmp_path / "node.db"
+    s = Storage(db, GENESIS)
+    apply_all(s, [entry(i, [(f"t{i}", "alice", "bob", 1)]) for i in range(1, 4)])
+    s.db.execute("UPDATE blocks SET doc = '{\"not\": \"a block\"}' WHERE height = 2")
+    s.close()
+    shutil.rmtree(f"{db}.txindex")
+    s = Storage(db, GENESIS)
+    with pytest.raises(ChainError, match="chain invalid at height 2"):
+        s.verify_chain()
+    with pytest.raises(StorageError, match="index stops at height 0, the chain goes on to 3"):
+        s.tx_result("t1")
+    s.close()
+
+
+def test_an_index_in_use_gives_a_one_line_error(tmp_path: Path) -> None:
+    s = Storage(tmp_path / "node.db", GENESIS)
+    with pytest.raises(StorageError, match=r"^cannot open .*node\.db\.txindex: .*lock") as info:
+        Storage(tmp_path / "node.db", GENESIS)
+    assert "\n" not in str(info.value)
+    s.close()
