@@ -14,7 +14,7 @@ import pytest
 
 from ledger.client import LedgerClient
 from ledger.cluster import RUN_NODE, LocalCluster
-from ledger.messages import StatusReply
+from ledger.messages import StatusReply, Transfer
 
 GENESIS = {"alice": 10_000, "bob": 5_000, "carol": 2_500}
 ACCOUNTS = list(GENESIS)
@@ -117,6 +117,32 @@ def test_restart_whole_cluster_keeps_everything(cluster: LocalCluster) -> None:
         assert again.status == "committed" and again.height == 1
         assert {a: client.balance(a).balance for a in ACCOUNTS} == before
         assert max(s.term for s in client.status().values() if s) > term_before
+        assert client.verify().ok
+
+
+def test_kill_9_of_every_node_right_after_committed_loses_nothing(cluster: LocalCluster) -> None:
+    """Durability: the moment the answers arrive, every node dies (SIGKILL); what was answered
+    "committed" is in every chain afterwards, in the very block the answer named."""
+    answered: dict[str, tuple[int, str]] = {}
+    with cluster.client() as client:
+        for r in range(3):
+            cluster.wait_leader(client)
+            ts = [Transfer(tx_id=f"d{r}-{k}", sender=ACCOUNTS[k % 3], recipient=ACCOUNTS[(k + 1) % 3], amount=1)
+                  for k in range(300)]
+            replies = client.submit_batch(ts)
+            for i in cluster.ids:
+                cluster.kill(i)
+            answered.update({x.tx_id: (x.height, x.block_hash) for x in replies if x.status == "committed"})
+            cluster.start_all()
+        assert len(answered) == 900
+        leader = cluster.wait_leader(client)
+        client.submit(ACCOUNTS[0], ACCOUNTS[1], 1, tx_id="after")  # commits everything before it
+        target = node_status(client, leader).commit_index  # type: ignore[union-attr]
+        for i in cluster.ids:
+            wait_until(lambda: (st := node_status(client, i)) is not None and st.last_applied >= target, 15,
+                       f"node {i} to apply everything")
+            found = {tx["tx_id"]: (b.height, b.hash) for b in client.chain(i) for tx in b.txs if b.height}
+            assert {t: found.get(t) for t in answered} == answered
         assert client.verify().ok
 
 
