@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ledger.client import ClusterUnavailable, LedgerClient
 from ledger.cluster import LocalCluster
+from ledger.messages import Transfer
 
 GENESIS = {"alice": 10_000, "bob": 10_000, "carol": 10_000, "dave": 10_000, "erin": 10_000}
 
@@ -77,15 +78,22 @@ class _Worker(threading.Thread):
                     except ClusterUnavailable:
                         pass
                     continue
-                sender, recipient = self.rng.sample(accounts, 2)
-                tx_id = f"w{self.index}-{n}"
-                n += 1
+                batch = []
+                for _ in range(self.rng.choice([1, 1, 1, 5, 20])):  # single submits and batches
+                    sender, recipient = self.rng.sample(accounts, 2)
+                    batch.append(Transfer(tx_id=f"w{self.index}-{n}", sender=sender, recipient=recipient,
+                                          amount=self.rng.randint(1, 3000)))
+                    n += 1
                 try:
-                    # The client retries on timeout with this same id, so it never pays twice.
-                    r = client.submit(sender, recipient, self.rng.randint(1, 3000), tx_id=tx_id)
-                    self.outcomes[tx_id] = r.status
+                    # The client retries on timeout with these same ids, so it never pays twice.
+                    if len(batch) == 1:
+                        t = batch[0]
+                        replies = [client.submit(t.sender, t.recipient, t.amount, tx_id=t.tx_id)]
+                    else:
+                        replies = client.submit_batch(batch)
+                    self.outcomes.update((r.tx_id, r.status) for r in replies)
                 except ClusterUnavailable:
-                    self.outcomes[tx_id] = None
+                    self.outcomes.update((t.tx_id, None) for t in batch)
 
 
 def run_chaos(directory: Path, nodes: int = 3, duration: float = 20.0, clients: int = 4, seed: int = 0,

@@ -7,6 +7,7 @@ apply) and send what it returns.
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import signal
@@ -75,6 +76,10 @@ class Server:
     def run(self) -> None:
         assert self.node is not None
         self.running = True
+        # Nearly all garbage here is freed by reference counting; the cycle collector's default
+        # pace (every 700 allocations, a few per transfer) cost throughput and tail latency.
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop())
         next_tick = time.monotonic() + self.tick_s

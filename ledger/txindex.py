@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from rbloom import Bloom
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
 _HEIGHT_KEY = b"\x00height"  # not a valid transfer id (see messages.NAME_PATTERN)
@@ -58,9 +59,37 @@ class MemoryTxIndex:
         pass
 
 
+class _Filters:
+    """Bloom filters in memory over every recorded id (rbloom, 1.2 bytes an id, 1% false
+    positives): nearly every id a batch brings is new, and the filters say so in 0.1 us, where
+    asking RocksDB took 2 us. A filter for a million ids to start with, then one twice as large
+    each time the last is full."""
+
+    FIRST = 1_000_000
+
+    def __init__(self) -> None:
+        self.filters = [Bloom(self.FIRST, 0.01)]
+        self.room = self.FIRST
+
+    def add(self, tx_ids: Sequence[str]) -> None:
+        if len(tx_ids) > self.room:
+            self.filters.append(Bloom(2 * self.filters[-1].size_in_bits // 10 + len(tx_ids), 0.01))
+            self.room = self.filters[-1].size_in_bits // 10
+        self.filters[-1].update(tx_ids)
+        self.room -= len(tx_ids)
+
+    def maybe(self, tx_ids: Sequence[str]) -> list[str]:
+        """Those of ``tx_ids`` that may have been recorded."""
+        if len(self.filters) == 1:
+            f = self.filters[0]
+            return [t for t in tx_ids if t in f]
+        return [t for t in tx_ids if any(t in f for f in self.filters)]
+
+
 class RocksTxIndex:
     """RocksDB with small, fixed memory: 2 x 4 MB memtables, a 4 MB block cache holding the
-    bloom filters and indexes too, one background job, so a node's RSS stays flat."""
+    bloom filters and indexes too, one background job, so a node's RSS stays flat; in front of
+    it, Bloom filters of the recorded ids, built when it opens."""
 
     def __init__(self, path: Path) -> None:
         opt = Options(raw_mode=True)
@@ -79,14 +108,25 @@ class RocksTxIndex:
         self.db.set_write_options(write)
         stored = self.db.get(_HEIGHT_KEY)
         self.height = 0 if stored is None else int.from_bytes(stored, "big")
+        self.filters = _Filters()
+        keys: list[str] = []
+        for key in self.db.keys():
+            if key != _HEIGHT_KEY:
+                keys.append(key.decode())
+                if len(keys) == 65536:
+                    self.filters.add(keys)
+                    keys = []
+        self.filters.add(keys)
 
     def heights(self, tx_ids: Sequence[str]) -> dict[str, int]:
-        if not tx_ids:
+        maybe = self.filters.maybe(tx_ids)
+        if not maybe:
             return {}
-        found = self.db.get([t.encode() for t in tx_ids])
-        return {t: int.from_bytes(h, "big") for t, h in zip(tx_ids, found) if h is not None}
+        found = self.db.get([t.encode() for t in maybe])
+        return {t: int.from_bytes(h, "big") for t, h in zip(maybe, found) if h is not None}
 
     def record(self, tx_ids: Sequence[str], height: int) -> None:
+        self.filters.add(tx_ids)
         batch = WriteBatch(raw_mode=True)
         h = height.to_bytes(8, "big")
         for t in tx_ids:
