@@ -374,7 +374,7 @@ def ceiling(transfers: int, accounts: int, batch: int = 256, per_flush: int = 8)
         rows = []
         for j in range(k, min(k + batch, transfers)):
             s, r = rng.sample(names, 2)
-            rows.append((f"c{j}", s, r, rng.randint(1, 100)))
+            rows.append((f"{rng.getrandbits(128):032x}", s, r, rng.randint(1, 100)))  # random ids, as the workers
         frames.append(msgpack.packb({"v": 1, "type": "submit_batch", "req_id": f"r{k}", "transfers": rows}))
     with tempfile.TemporaryDirectory(prefix="raftledger-ceiling-") as d:
         log = setup_node_logging(Path(d) / "node-0.log", 0, dict, console=False)
