@@ -22,6 +22,7 @@ class RaftLog:
         self._terms = array("q")
         self._mem: list[Entry] = []  # entries mem_start .. last_index
         self._mem_start = 1
+        self.mem_bytes = 0  # data bytes of the entries in memory
         self.loader = loader
         for e in entries:
             self.append(e)
@@ -63,23 +64,31 @@ class RaftLog:
             raise ValueError(f"entry term {entry.term} below last term {self.last_term}")
         self._terms.append(entry.term)
         self._mem.append(entry)
+        self.mem_bytes += len(entry.data)
 
     def truncate_from(self, index: int) -> None:
         """Drop entries with index >= ``index``."""
         del self._terms[index - 1 :]
         if index >= self._mem_start:
+            gone = self._mem[index - self._mem_start :]
             del self._mem[index - self._mem_start :]
         else:
-            self._mem.clear()
+            gone, self._mem = self._mem, []
             self._mem_start = index
+        self.mem_bytes -= sum(len(e.data) for e in gone)
 
-    def release(self, upto: int) -> None:
-        """Forget the in-memory copies of entries up to ``upto`` (they stay in storage)."""
-        if self.loader is None or upto < self._mem_start:
+    def release(self, upto: int, keep_bytes: int) -> None:
+        """Forget in-memory copies of entries up to ``upto`` (they stay in storage), oldest
+        first, while the entries in memory hold more than ``keep_bytes`` of data."""
+        if self.loader is None:
             return
         upto = min(upto, self.last_index)
-        del self._mem[: upto - self._mem_start + 1]
-        self._mem_start = upto + 1
+        drop = 0
+        while self._mem_start + drop <= upto and self.mem_bytes > keep_bytes:
+            self.mem_bytes -= len(self._mem[drop].data)
+            drop += 1
+        del self._mem[:drop]
+        self._mem_start += drop
 
     def first_index_of_term(self, index: int) -> int:
         """The first index of the run of entries with the same term as the one at ``index``."""

@@ -49,10 +49,13 @@ class RaftConfig:
     election_ticks_max: int = 60
     max_append_entries: int = 64
     max_append_bytes: int = 2 * 1024 * 1024
-    max_inflight_entries: int = 1024
-    # Applied entries kept in memory for followers that lag a little; older ones are read back
-    # through the log's loader (storage), so memory stays flat however long the log grows.
-    log_window: int = 1024
+    # Entries sent to a follower beyond what it acknowledged. A full batch is about 100 kB, so
+    # this bounds what waits for a slow follower (here and in ZeroMQ's queue) at a few MB.
+    max_inflight_entries: int = 64
+    # Applied entries kept in memory, up to this many bytes of data, for followers that lag a
+    # little; older ones are read back through the log's loader (storage), so memory stays flat
+    # however long the log grows. (A count of entries did not: full batches are 100 kB each.)
+    log_window_bytes: int = 2 * 1024 * 1024
     # Pre-vote (dissertation 9.6): a node asks whether it could win before it bumps its term,
     # so a node coming back from a partition does not depose a healthy leader (raft-cases C10).
     pre_vote: bool = True
@@ -260,7 +263,7 @@ class RaftNode:
         if self.commit_index > self.applied:
             rd.committed = self.log.slice(self.applied + 1, self.commit_index)
             self.applied = self.commit_index
-            self.log.release(min(self.applied, self._stable_index) - self.config.log_window)
+            self.log.release(min(self.applied, self._stable_index), self.config.log_window_bytes)
         return rd
 
     # ---- roles -------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def test_term_runs() -> None:
 
 def test_released_entries_come_back_from_storage() -> None:
     log, store, reads = build()
-    log.release(4)
+    log.release(4, keep_bytes=0)
     assert reads == []
     assert log.slice(2, 6) == [store[i] for i in range(2, 7)]
     assert reads == [(2, 4)]
@@ -42,7 +42,7 @@ def test_released_entries_come_back_from_storage() -> None:
 
 def test_truncation_below_the_memory_window() -> None:
     log, store, _ = build()
-    log.release(5)
+    log.release(5, keep_bytes=0)
     log.truncate_from(3)
     assert (log.last_index, log.last_term) == (2, 1)
     store[3] = Entry(index=3, term=8, kind=EntryKind.NOOP)
@@ -52,5 +52,22 @@ def test_truncation_below_the_memory_window() -> None:
 
 def test_without_a_loader_nothing_is_released() -> None:
     log, store, _ = build(loader=False)
-    log.release(6)
+    log.release(6, keep_bytes=0)
     assert log.slice(1, 8) == [store[i] for i in range(1, 9)]
+
+
+def test_memory_is_bounded_by_bytes() -> None:
+    log, store, reads = build()
+    assert log.mem_bytes == 8  # one byte of data each
+    log.release(8, keep_bytes=3)  # oldest first, until 3 bytes are left
+    assert log.mem_bytes == 3
+    assert log.slice(6, 8) == [store[6], store[7], store[8]] and reads == []
+    assert log.slice(5, 5) == [store[5]] and reads == [(5, 5)]
+    log.release(8, keep_bytes=3)  # nothing more to do
+    assert log.mem_bytes == 3
+    log.truncate_from(7)
+    assert log.mem_bytes == 1
+    big = Entry(index=7, term=9, kind=EntryKind.TXS, data=b"x" * 100)
+    log.append(big)
+    log.release(6, keep_bytes=0)  # never beyond what is applied: entry 7 stays
+    assert log.mem_bytes == 100 and log.slice(7, 7) == [big]
