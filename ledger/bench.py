@@ -40,7 +40,7 @@ from ledger.messages import MAX_BATCH_TRANSFERS
 
 REQUEST_TIMEOUT_S = 2.0
 # Client counts of --sweep: up to where PySyncObj stops gaining (about 16k here).
-SWEEP_CLIENTS = [1, 16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384]
+SWEEP_CLIENTS = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
 # ---- load worker (a separate process) -----------------------------------------------------------
 
