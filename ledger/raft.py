@@ -50,8 +50,8 @@ class RaftConfig:
     max_append_entries: int = 64
     max_append_bytes: int = 2 * 1024 * 1024
     # Entries sent to a follower beyond what it acknowledged. A full batch is about 100 kB, so
-    # this bounds what waits for a slow follower (here and in ZeroMQ's queue) at a few MB.
-    max_inflight_entries: int = 64
+    # this bounds what waits for a slow follower (here and in ZeroMQ's queue) at about 2 MB.
+    max_inflight_entries: int = 16
     # Applied entries kept in memory, up to this many bytes of data, for followers that lag a
     # little; older ones are read back through the log's loader (storage), so memory stays flat
     # however long the log grows. (A count of entries did not: full batches are 100 kB each.)
