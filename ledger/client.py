@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -25,6 +26,8 @@ from ledger.chain import Block, ChainError, verify_block
 from ledger.config import ClusterConfig, ConfigError, load_config
 from ledger.messages import (
     MAX_BATCH_TRANSFERS,
+    MAX_COUNTER,
+    MAX_REPLY_ITEMS,
     NAME_PATTERN,
     BatchReply,
     BalanceReply,
@@ -116,7 +119,7 @@ class LedgerClient:
             if not s.poll(int(left * 1000) + 1):
                 break
             try:
-                reply = decode(s.recv())
+                reply = decode(s.recv(), MAX_REPLY_ITEMS)
             except DecodeError:
                 continue
             if getattr(reply, "req_id", None) in (msg.req_id, ""):
@@ -149,11 +152,13 @@ class LedgerClient:
         end = time.monotonic() + self.deadline
         backoff = 0.02
         last = "no node answered"
+        silent: set[int] = set()
         while time.monotonic() < end:
             node = self._pick()
             reply = attempt(node, min(self.request_timeout, max(0.05, end - time.monotonic())))
             if reply is None:
-                last = f"node {node} did not answer"
+                silent.add(node)
+                last = f"no answer from node{'s' if len(silent) > 1 else ''} {', '.join(map(str, sorted(silent)))}"
                 self.leader_hint = None
                 # Presume it down for a while: followers may still name it leader until they notice.
                 self._suspect[node] = time.monotonic() + 1.0
@@ -228,7 +233,7 @@ class LedgerClient:
                 del self.sockets[node]
                 return None
             try:
-                frame = decode(s.recv())
+                frame = decode(s.recv(), MAX_REPLY_ITEMS)
             except DecodeError:
                 continue
             if isinstance(frame, ErrorReply) and frame.req_id == "":
@@ -256,10 +261,29 @@ class LedgerClient:
     # ---- per-node calls ------------------------------------------------------------------------
 
     def status(self) -> dict[int, StatusReply | None]:
-        out: dict[int, StatusReply | None] = {}
+        """Every node's status, asked of all at once; None for a node that did not answer
+        within the request timeout (or the deadline, if shorter)."""
+        req_ids = {node: uuid.uuid4().hex for node in self._order}
+        poller = zmq.Poller()
         for node in self._order:
-            reply = self.request(node, StatusRequest(req_id=uuid.uuid4().hex))
-            out[node] = reply if isinstance(reply, StatusReply) else None
+            s = self._socket(node)
+            s.send(encode(StatusRequest(req_id=req_ids[node])))
+            poller.register(s, zmq.POLLIN)
+        out: dict[int, StatusReply | None] = dict.fromkeys(self._order)
+        end = time.monotonic() + min(self.request_timeout, self.deadline)
+        by_socket = {self.sockets[n]: n for n in self._order}
+        while any(v is None for v in out.values()) and (left := end - time.monotonic()) > 0:
+            for s, _ in poller.poll(int(left * 1000) + 1):
+                try:
+                    reply = decode(s.recv(), MAX_REPLY_ITEMS)
+                except DecodeError:
+                    continue
+                node = by_socket[s]
+                if isinstance(reply, StatusReply) and reply.req_id == req_ids[node]:
+                    out[node] = reply
+        for node, reply in out.items():
+            if reply is None:  # as in request(): nothing stale is delivered later
+                self.sockets.pop(node).close(0)
         return out
 
     def chain(self, node_id: int, start: int = 0, end: int | None = None) -> Iterator[Block]:
@@ -270,7 +294,7 @@ class LedgerClient:
             reply = self.request(node_id, ChainRequest(req_id=uuid.uuid4().hex, start=h, end=end),
                                  timeout=min(self.deadline, max(self.request_timeout, 5.0)))
             if not isinstance(reply, ChainReply):
-                raise ClusterUnavailable(f"node {node_id} did not answer a chain request")
+                raise ClusterUnavailable(f"cluster unavailable: node {node_id} did not answer a chain request")
             if not reply.blocks:
                 return
             for doc in reply.blocks:
@@ -342,24 +366,22 @@ def _name(kind: str) -> Any:
     return check
 
 
+_WHOLE = re.compile(r"-?[0-9]+")  # ASCII digits only: int() also takes "1_000", " +7 " and "٢٥"
+
+
 def _amount(value: str) -> int:
-    try:
-        amount = int(value, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"amount must be a whole number, not {value[:40]!r}") from None
+    if not _WHOLE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"amount must be a whole number, not {value[:40]!r}")
+    amount = int(value)
     if not -(2**63) <= amount < 2**63:
         raise argparse.ArgumentTypeError("amount must fit in 64 bits")
     return amount
 
 
 def _height(value: str) -> int:
-    try:
-        h = int(value, 10)
-    except ValueError:
-        h = -1
-    if h < 0:
-        raise argparse.ArgumentTypeError(f"height must be a non-negative whole number, not {value!r}")
-    return h
+    if not _WHOLE.fullmatch(value) or int(value) < 0 or int(value) > MAX_COUNTER:
+        raise argparse.ArgumentTypeError(f"height must be a whole number from 0 to {MAX_COUNTER}, not {value[:40]!r}")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,6 +423,8 @@ def run(args: argparse.Namespace, client: LedgerClient) -> int:
         elif r.status == "committed":
             print(f"committed: {r.tx_id}: {args.sender} -> {args.recipient} {args.amount} "
                   f"in block {r.height} ({r.block_hash[:16]})")
+        elif r.transfer and r.transfer != transfer_key(args.sender, args.recipient, args.amount):
+            print(f"rejected: {r.tx_id}: {r.reason} (in block {r.height}); this transfer was not applied")
         else:
             print(f"rejected: {r.tx_id}: {r.reason} (recorded in block {r.height})")
         return EXIT_OK if r.status == "committed" else EXIT_FAILED
@@ -444,7 +468,7 @@ def run(args: argparse.Namespace, client: LedgerClient) -> int:
             st = client.status()
             up = [n for n, s in st.items() if s is not None]
             if not up:
-                raise ClusterUnavailable("no node answered")
+                raise ClusterUnavailable("cluster unavailable: no node answered")
             node = next((n for n in up if st[n].role == "leader"), up[0])  # type: ignore[union-attr]
         elif node not in client.cfg.nodes:
             print(f"ledger: error: node {node} is not in the config", file=sys.stderr)
@@ -483,24 +507,34 @@ def run(args: argparse.Namespace, client: LedgerClient) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    as_json = getattr(args, "json", False)
+
+    def fail(code: int, message: str) -> int:
+        """A one-line reason on stderr; with --json, the one JSON document on stdout says it too."""
+        if as_json:
+            _print({"error": message, "exit_code": code})
+        print(f"ledger: {message}", file=sys.stderr)
+        return code
+
     timeout = getattr(args, "timeout", 15.0)
     if not timeout > 0:
-        print("ledger: error: --timeout must be positive", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(EXIT_USAGE, "error: --timeout must be positive")
+    if args.command == "chain" and args.end is not None and args.start > args.end:
+        return fail(EXIT_USAGE, f"error: --from {args.start} is above --to {args.end}")
     try:
         cfg = load_config(getattr(args, "config", None))
     except ConfigError as exc:
-        print(f"ledger: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(EXIT_USAGE, f"error: {exc}")
     with LedgerClient(cfg, deadline=timeout) as client:
         try:
             return run(args, client)
         except ClusterUnavailable as exc:
-            print(f"ledger: {exc}", file=sys.stderr)
-            return EXIT_UNAVAILABLE
+            return fail(EXIT_UNAVAILABLE, str(exc))
         except ValueError as exc:
-            print(f"ledger: error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            return fail(EXIT_FAILED, f"error: {exc}")
+        except BrokenPipeError:  # the reader went away (e.g. `ledger chain --json | head -1`)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -27,9 +28,10 @@ class ClusterConfig(BaseModel):
     nodes: dict[Annotated[int, Field(ge=0, le=1023)], str]
     genesis: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Annotated[int, Field(ge=0, le=MAX_AMOUNT, strict=True)]]
     # Timing, in milliseconds. Failover takes about one election timeout.
-    tick_ms: Annotated[int, Field(ge=1, le=1000)] = 10
-    heartbeat_ms: Annotated[int, Field(ge=1)] = 50
-    election_timeout_ms: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (300, 600)
+    tick_ms: Annotated[int, Field(ge=1, le=1000, strict=True)] = 10
+    heartbeat_ms: Annotated[int, Field(ge=1, le=60_000, strict=True)] = 50
+    election_timeout_ms: tuple[Annotated[int, Field(ge=1, le=600_000, strict=True)],
+                               Annotated[int, Field(ge=1, le=600_000, strict=True)]] = (300, 600)
 
     @field_validator("nodes")
     @classmethod
@@ -41,6 +43,12 @@ class ClusterConfig(BaseModel):
             m = _ENDPOINT.fullmatch(endpoint)  # not match: its $ also accepts a trailing newline
             if not m or not 1 <= int(m["port"]) <= 65535:
                 raise ValueError(f"node {node_id}: endpoint {endpoint!r} is not tcp://HOST:PORT")
+            host = m["host"].strip("[]")
+            if re.fullmatch(r"[0-9.]+|.*:.*", host):  # an address, not a name: it must be one
+                try:
+                    ipaddress.ip_address(host)
+                except ValueError:
+                    raise ValueError(f"node {node_id}: {host} in {endpoint} is not an IP address") from None
             if endpoint in seen:
                 raise ValueError(f"node {node_id}: endpoint {endpoint} is used twice")
             seen.add(endpoint)

@@ -23,8 +23,11 @@ NAME_PATTERN = r"^[A-Za-z0-9_.:@-]{1,64}$"  # pydantic (Rust regex): $ is the en
 AccountName = Annotated[str, Field(pattern=NAME_PATTERN)]
 TxId = Annotated[str, Field(pattern=NAME_PATTERN)]
 NodeId = Annotated[int, Field(ge=0, le=1023, strict=True)]
-Index = Annotated[int, Field(ge=0, strict=True)]
-Term = Annotated[int, Field(ge=0, strict=True)]
+# Terms and indexes stay far inside SQLite's 64-bit integers, so that term + 1 still fits: a
+# forged term of 2**63 once crashed a node when it stored it, and the cluster with it.
+MAX_COUNTER = 2**62
+Index = Annotated[int, Field(ge=0, le=MAX_COUNTER, strict=True)]
+Term = Annotated[int, Field(ge=0, le=MAX_COUNTER, strict=True)]
 # Any 64-bit integer: the ledger rejects amounts <= 0 or above its maximum, with a reason.
 Amount = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
 # A transfer as (tx_id, sender, recipient, amount): how batches carry it, on the wire and in the log.
@@ -313,11 +316,25 @@ def encode_batch_reply(replies: list[ClientReply]) -> bytes:
                          use_bin_type=True)
 
 
-def decode(frame: bytes) -> Message:
+# The most items (array elements, map keys) a frame may hold in one array or map, checked
+# while unpacking: a map of 500,000 unknown keys under the size limit took pydantic 2 s to
+# refuse (one error each), long enough for the followers to elect another leader.
+MAX_REQUEST_ITEMS = 4096  # what a node takes: at most 2048 rows a batch, 64 entries an append
+MAX_REPLY_ITEMS = 32768  # what a client takes: up to 20,000 answers in one BatchReply
+MAX_MAP_KEYS = 64
+
+
+def decode(frame: bytes, max_items: int = MAX_REQUEST_ITEMS) -> Message:
     if len(frame) > MAX_MESSAGE_BYTES:
         raise DecodeError(f"message of {len(frame)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
     try:
-        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_array_len=max_items,
+                              max_map_len=MAX_MAP_KEYS)
+    except ValueError as exc:
+        if "exceeds max_" in str(exc):
+            raise DecodeError(f"a list or map in the frame is too long (at most {max_items} items, "
+                              f"{MAX_MAP_KEYS} keys)") from None
+        raise DecodeError(f"not a msgpack frame: {type(exc).__name__}") from None
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise DecodeError(f"not a msgpack frame: {type(exc).__name__}") from None
     if not isinstance(raw, dict):

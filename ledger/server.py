@@ -2,7 +2,7 @@
 
 One thread runs a Poller loop. Each turn: receive frames, feed Raft messages and client requests
 to the node, tick it when a tick is due, then ``flush()`` it (propose, persist with one fsync,
-apply) and send what it returns.
+send to peers, apply) and answer the clients.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from ledger.messages import (
     ErrorReply,
     RaftMessage,
     SubmitBatchRequest,
+    SubmitResults,
     decode,
     encode,
     encode_batch_reply,
+    one_line,
 )
 from ledger.node import LedgerNode
 from ledger.raft import RaftConfig
@@ -33,7 +35,9 @@ from ledger.storage import Storage
 from ledger.transport import ZeroMQServer, peer_identity
 
 MAX_TICKS_PER_TURN = 5  # after a stall, catch up a few ticks, not a burst that fires elections
-REPLIES_PER_FRAME = 1024  # replies packed into one BatchReply frame
+# Answers packed into one BatchReply frame, counting a SubmitResults row as one: about 1.5 MB,
+# well below the frame limit.
+ROWS_PER_FRAME = 20_000
 
 
 class Batched(NamedTuple):
@@ -57,9 +61,11 @@ class Server:
         self.id = node_id
         self.node: LedgerNode | None = None
         self.log = setup_node_logging(cfg.log_file(node_id), node_id, self._log_context, console)
+        # Bind first: a node that cannot (its address is taken, perhaps by itself already
+        # running) leaves no data directory behind.
+        self.transport = ZeroMQServer(node_id, cfg.nodes, self.log)
         self.storage = Storage(cfg.node_dir(node_id) / "node.db", cfg.genesis)
         height = self.storage.verify_chain()
-        self.transport = ZeroMQServer(node_id, cfg.nodes, self.log)
         self.node = LedgerNode(node_id, list(cfg.nodes), self.storage, raft_config(cfg),
                                random.Random(), self.log, send_now=self._send_peers)
         self.tick_s = cfg.tick_ms / 1000
@@ -113,8 +119,16 @@ class Server:
             else:
                 self.transport.reply(client, encode(reply))  # type: ignore[arg-type]
         for identity, rs in batched.items():
-            for k in range(0, len(rs), REPLIES_PER_FRAME):
-                self.transport.reply(identity, encode_batch_reply(rs[k : k + REPLIES_PER_FRAME]))
+            frame: list[ClientReply] = []
+            rows = 0
+            for r in rs:
+                frame.append(r)
+                rows += len(r.results) if isinstance(r, SubmitResults) else 1
+                if rows >= ROWS_PER_FRAME:
+                    self.transport.reply(identity, encode_batch_reply(frame))
+                    frame, rows = [], 0
+            if frame:
+                self.transport.reply(identity, encode_batch_reply(frame))
 
     def stop(self) -> None:
         self.running = False
@@ -144,7 +158,12 @@ class Server:
         elif isinstance(msg, ClientRequest):
             # Answers to a batch go back batched (see _send_replies).
             client = Batched(identity) if isinstance(msg, SubmitBatchRequest) else identity
-            self.node.on_client(client, msg, time.monotonic())
+            try:
+                self.node.on_client(client, msg, time.monotonic())
+            except Exception as exc:  # a request the checks let through must not take the node down
+                self.log.error("request_failed", request=msg.type, error=one_line(f"{type(exc).__name__}: {exc}"))
+                self._send_replies([(client, ErrorReply(req_id=msg.req_id, error="the node could not handle "
+                                                        "this request"))])
         else:
             self._bad(identity, f"unexpected message type {msg.type}")
 

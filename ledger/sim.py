@@ -763,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
                              [args.nodes] if args.nodes else [3, 5])
     elapsed = time.perf_counter() - started
     rows = [
-        ("runs", total["runs"]), ("steps", total["steps"]), ("faults injected", total["faults"]),
+        ("runs", total["runs"]), ("steps (with settling)", total["steps"]), ("faults injected", total["faults"]),
         ("crashes", total["crashes"]), ("messages dropped", total["dropped"]),
         ("messages duplicated", total["duplicated"]), ("elections won", total["became_leader"]),
         ("transfers committed", total["committed"]), ("transfers rejected", total["rejected"]),

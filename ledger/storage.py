@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,14 +28,14 @@ from ledger.txindex import MemoryTxIndex, RocksTxIndex, TxIndex
 
 # 2: a transfer's result no longer repeats its block's hash. 3: it is only the block's height
 # (status, reason and transfer are read from the block when a retry asks for them). 4: the
-# id -> height index moved to RocksDB (txindex.py).
-SCHEMA_VERSION = 4
+# id -> height index moved to RocksDB (txindex.py). 5: log entries carry a checksum.
+SCHEMA_VERSION = 5
 _SQL_VARS = 500  # ids per IN (...) query, below SQLite's limit on bound parameters
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, term INTEGER NOT NULL,
-                                kind TEXT NOT NULL, data BLOB NOT NULL);
+                                kind TEXT NOT NULL, data BLOB NOT NULL, crc INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks (height INTEGER PRIMARY KEY, hash TEXT NOT NULL, doc BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS accounts (name TEXT PRIMARY KEY, balance INTEGER NOT NULL) WITHOUT ROWID;
 """
@@ -51,6 +52,18 @@ class Recovered:
     applied: int
     balances: dict[str, int]
     head: Block
+
+
+def _crc(index: int, term: int, kind: str, data: bytes) -> int:
+    """A log entry's checksum: SQLite checks its pages' structure, not what a flipped bit in a
+    blob says, and a damaged entry would be replicated to the other nodes as it is."""
+    return zlib.crc32(data, zlib.crc32(b"%d:%d:%s:" % (index, term, kind.encode())))
+
+
+def _entry(index: int, term: int, kind: str, data: bytes, crc: int) -> Entry:
+    if _crc(index, term, kind, data) != crc:
+        raise StorageError(f"log entry {index} is damaged (its checksum does not match); refusing to use it")
+    return Entry(index=index, term=term, kind=EntryKind(kind), data=data)
 
 
 def _block_from_row(doc: bytes) -> Block:
@@ -72,6 +85,12 @@ class Storage:
         self._durable = True
         gen = genesis_block(genesis)
         stored = self._meta("genesis_hash")
+        index_dir = Path(f"{path}.txindex")
+        if stored is None and path != ":memory:" and index_dir.is_dir() and any(index_dir.iterdir()):
+            self.db.close()
+            # A blank node would forget its term and its vote: unsafe for Raft.
+            raise StorageError(f"{path} is empty, yet the transfer index beside it is not: this node's database "
+                               f"was lost; refusing to start (remove {Path(path).parent} to rejoin as a new node)")
         if stored is None:
             with self.transaction():
                 self._set_meta("schema", SCHEMA_VERSION)
@@ -97,6 +116,9 @@ class Storage:
             try:
                 index = RocksTxIndex(where)
             except Exception as exc:  # rocksdict raises plain Exceptions (lock held, corruption)
+                if "lock" in str(exc).lower():
+                    raise StorageError(f"{where} is in use by another process (is this node running already?)") \
+                        from None
                 raise StorageError(one_line(f"cannot open {where}: {exc}")) from None
         try:
             for start in range(index.height + 1, self.head_height + 1, 256):
@@ -149,8 +171,8 @@ class Storage:
     def save_entries(self, truncate_from: int, entries: Sequence[Entry]) -> None:
         self.db.execute("DELETE FROM log WHERE idx >= ?", (truncate_from,))
         self.db.executemany(
-            "INSERT INTO log VALUES (?, ?, ?, ?)",
-            [(e.index, e.term, e.kind.value, e.data) for e in entries],
+            "INSERT INTO log VALUES (?, ?, ?, ?, ?)",
+            [(e.index, e.term, e.kind.value, e.data, _crc(e.index, e.term, e.kind.value, e.data)) for e in entries],
         )
 
     # ---- ledger (state.StateStore) -----------------------------------------------------------
@@ -195,10 +217,7 @@ class Storage:
     def load(self) -> Recovered:
         term = self._meta("term") or 0
         voted = self._meta("voted_for")
-        entries = [
-            Entry(index=i, term=t, kind=EntryKind(k), data=d)
-            for i, t, k, d in self.db.execute("SELECT idx, term, kind, data FROM log ORDER BY idx")
-        ]
+        entries = [_entry(*row) for row in self.db.execute("SELECT idx, term, kind, data, crc FROM log ORDER BY idx")]
         for pos, e in enumerate(entries, start=1):
             if e.index != pos:
                 raise StorageError(f"log has a gap: entry {e.index} where {pos} was expected")
@@ -208,11 +227,8 @@ class Storage:
 
     def entries(self, first: int, last: int) -> list[Entry]:
         """Stored log entries first..last (the Raft log's loader for entries out of memory)."""
-        return [
-            Entry(index=i, term=t, kind=EntryKind(k), data=d)
-            for i, t, k, d in self.db.execute(
-                "SELECT idx, term, kind, data FROM log WHERE idx BETWEEN ? AND ? ORDER BY idx", (first, last))
-        ]
+        return [_entry(*row) for row in self.db.execute(
+            "SELECT idx, term, kind, data, crc FROM log WHERE idx BETWEEN ? AND ? ORDER BY idx", (first, last))]
 
     def last_log_id(self) -> tuple[int, int]:
         """(term, index) of the last stored log entry; (0, 0) for an empty log."""

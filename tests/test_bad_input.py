@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +83,9 @@ def log_events(cluster: LocalCluster, node: int) -> list[dict]:
          "submit_batch.transfers.1.0"),
         ([msgpack.packb({"v": 1, "type": "submit_batch", "req_id": "x", "transfers": []})],
          "at least 1 item"),
+        ([msgpack.packb({"v": 1, "type": "chain", "req_id": "x", "start": 2**63})], "chain.start"),
+        ([msgpack.packb({"v": 1, "type": "status", "req_id": "x", **{f"k{i}": 1 for i in range(500_000)}})],
+         "too long"),
         ([b"one", b"two"], "expected one payload frame"),
     ],
 )
@@ -113,6 +117,30 @@ def test_oversized_message_is_dropped(cluster: LocalCluster, client: LedgerClien
     assert client.status()[1] is not None
     r = client.submit("alice", "bob", 1)
     assert r.status == "committed"
+
+
+def test_a_forged_term_beyond_the_limit_is_dropped(cluster: LocalCluster, client: LedgerClient) -> None:
+    """Peers are not authenticated yet; still, no value a frame may carry crashes a node."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.IDENTITY, b"node:1")  # claims to be a member
+    s.setsockopt(zmq.LINGER, 2000)  # the frame must leave before the socket closes
+    try:
+        s.connect(cluster.cfg.nodes[0])
+        raw = msgpack.unpackb(encode(AppendEntriesMessage(src=1, dst=0, term=1, prev_log_index=0, prev_log_term=0,
+                                                          leader_commit=0)))
+        s.send(msgpack.packb(raw | {"term": 2**63}))
+    finally:
+        s.close()
+        ctx.term()
+    end = time.monotonic() + 5
+    while not any(e["event"] == "bad_message_dropped" and "append_entries.term" in e["reason"]
+                  for e in log_events(cluster, 0)):
+        assert time.monotonic() < end, "the forged append was not logged as dropped"
+        time.sleep(0.02)  # polling interval; the deadline decides
+    after = raw_exchange(cluster.cfg.nodes[0], [encode(StatusRequest(req_id="after"))])
+    assert after is not None and isinstance(decode(after), StatusReply) and decode(after).term < 2**62  # type: ignore[union-attr]
+    assert cluster.alive(0)
 
 
 def test_raft_message_from_a_non_member_socket_is_dropped(cluster: LocalCluster, client: LedgerClient) -> None:

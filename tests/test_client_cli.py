@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -67,8 +68,13 @@ def test_parser_accepts_good_arguments(tmp_path):
     ([], "the following arguments are required: command"),
     (["transfer", "alice", "bob", "5"], "invalid choice: 'transfer'"),
     (["status", "--bogus"], "unrecognized arguments: --bogus"),
-    (["chain", "--from", "-1"], "height must be a non-negative whole number, not '-1'"),
-    (["chain", "--to", "x"], "height must be a non-negative whole number, not 'x'"),
+    (["chain", "--from", "-1"], "height must be a whole number from 0 to 4611686018427387904, not '-1'"),
+    (["chain", "--to", "x"], "height must be a whole number from 0 to 4611686018427387904, not 'x'"),
+    (["chain", "--from", "99999999999999999999999"], "height must be a whole number from 0 to"),
+    (["chain", "--from", "5", "--to", "2"], "--from 5 is above --to 2"),
+    (["submit", "alice", "bob", "1_000"], "amount must be a whole number, not '1_000'"),
+    (["submit", "alice", "bob", " +7 "], "amount must be a whole number, not ' +7 '"),
+    (["submit", "alice", "bob", "\u0662\u0665"], "amount must be a whole number"),
     (["chain", "--node", "one"], "argument --node: invalid int value: 'one'"),
     (["--timeout", "soon", "status"], "argument --timeout: invalid float value: 'soon'"),
 ])
@@ -137,20 +143,38 @@ def test_submit_with_no_node_up_exits_3_after_its_timeout(capsys, tmp_path):
     assert time.monotonic() - start < 5
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.startswith("ledger: cluster unavailable after 0.3s: node ")
-    assert err.endswith(" did not answer\n")
+    assert err in ("ledger: cluster unavailable after 0.3s: no answer from nodes 0, 1\n",
+                   "ledger: cluster unavailable after 0.3s: no answer from node 0\n",
+                   "ledger: cluster unavailable after 0.3s: no answer from node 1\n")
 
 
 def test_balance_with_no_node_up_exits_3(capsys, tmp_path):
     cfg = dead_cluster(tmp_path, 1)
     assert run(["--config", str(cfg), "--timeout", "0.2", "balance", "alice"]) == EXIT_UNAVAILABLE
-    assert capsys.readouterr().err == "ledger: cluster unavailable after 0.2s: node 0 did not answer\n"
+    assert capsys.readouterr().err == "ledger: cluster unavailable after 0.2s: no answer from node 0\n"
 
 
 def test_chain_with_no_node_up_exits_3(capsys, tmp_path):
     cfg = dead_cluster(tmp_path, 1)
     assert run(["--config", str(cfg), "chain"]) == EXIT_UNAVAILABLE
-    assert capsys.readouterr().err == "ledger: no node answered\n"
+    assert capsys.readouterr().err == "ledger: cluster unavailable: no node answered\n"
+
+
+@pytest.mark.parametrize("argv", [["submit", "alice", "bob", "1"], ["balance", "alice"], ["chain"]])
+def test_json_commands_print_one_document_when_the_cluster_is_down(capsys, tmp_path, argv):
+    cfg = dead_cluster(tmp_path, 1)
+    assert run(["--config", str(cfg), "--timeout", "0.2", "--json", *argv]) == EXIT_UNAVAILABLE
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert doc["exit_code"] == EXIT_UNAVAILABLE and doc["error"].startswith("cluster unavailable")
+    assert err == f"ledger: {doc['error']}\n"
+
+
+def test_status_gives_up_within_its_timeout(tmp_path):
+    cfg = dead_cluster(tmp_path, 3)
+    start = time.monotonic()
+    assert run(["--config", str(cfg), "--timeout", "0.2", "status"]) == EXIT_UNAVAILABLE
+    assert time.monotonic() - start < 0.6  # all nodes asked at once, 0.2 s in all
 
 
 def test_verify_with_no_node_up_exits_3(capsys, tmp_path):

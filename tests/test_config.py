@@ -149,6 +149,12 @@ def test_bad_endpoint(tmp_path, endpoint):
     assert f"nodes: node 1: endpoint {value!r} is not tcp://HOST:PORT" in msg
 
 
+@pytest.mark.parametrize("host", ["999.1.1.1", "10.0.0.256", "1.2.3"])
+def test_an_address_that_is_none_is_refused(tmp_path, host):
+    msg = config_error(tmp_path, f'[nodes]\n0 = "tcp://{host}:6000"\n' + GENESIS)
+    assert msg.endswith(f"nodes: node 0: {host} in tcp://{host}:6000 is not an IP address")
+
+
 def test_ipv6_endpoint_accepted(tmp_path):
     cfg = load_config(write(tmp_path, '[nodes]\n0 = "tcp://[::1]:6000"\n' + GENESIS))
     assert cfg.nodes == {0: "tcp://[::1]:6000"}
@@ -235,6 +241,12 @@ def test_heartbeat_too_slow_for_election_timeout(tmp_path):
 def test_tick_longer_than_heartbeat(tmp_path):
     msg = config_error(tmp_path, "tick_ms = 60\nheartbeat_ms = 50\n" + NODES + GENESIS)
     assert msg.endswith("tick_ms must not exceed heartbeat_ms")
+
+
+@pytest.mark.parametrize("key", ["tick_ms", "heartbeat_ms"])
+def test_timings_must_be_integers(tmp_path, key):
+    msg = config_error(tmp_path, f"{key} = true\n" + NODES + GENESIS)
+    assert msg.endswith(f": {key}: Input should be a valid integer")
 
 
 @pytest.mark.parametrize("value", ["0", "1001"])

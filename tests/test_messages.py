@@ -11,7 +11,10 @@ from pydantic import BaseModel
 from ledger.chain import genesis_block
 from ledger.messages import (
     MAX_BATCH_TRANSFERS,
+    MAX_COUNTER,
     MAX_MESSAGE_BYTES,
+    MAX_REPLY_ITEMS,
+    MAX_REQUEST_ITEMS,
     PROTOCOL_VERSION,
     AppendEntriesMessage,
     AppendEntriesResponse,
@@ -267,6 +270,32 @@ def test_negative_values(field):
     raw = raw_of(EVERY_MESSAGE[0])
     raw[field] = -1
     assert reason(raw) == f"invalid message: request_vote.{field}: Input should be greater than or equal to 0"
+
+
+@pytest.mark.parametrize("field", ["term", "last_log_index"])
+def test_terms_and_indexes_stay_far_inside_64_bits(field):
+    raw = raw_of(EVERY_MESSAGE[0])
+    raw[field] = MAX_COUNTER
+    assert getattr(decode(msgpack.packb(raw)), field) == MAX_COUNTER
+    for too_big in (MAX_COUNTER + 1, 2**63, 2**64 - 1):
+        raw[field] = too_big
+        assert reason(raw).startswith(f"invalid message: request_vote.{field}: Input should be less than or equal")
+
+
+def test_a_chain_request_from_beyond_64_bits_is_refused():
+    raw = raw_of(ChainRequest(req_id="c"))
+    raw["start"] = 2**63
+    assert reason(raw).startswith("invalid message: chain.start: Input should be less than or equal")
+
+
+def test_long_lists_and_maps_are_refused_before_validation():
+    raw = raw_of(StatusRequest(req_id="r")) | {f"k{i}": 1 for i in range(100)}
+    assert reason(raw) == f"a list or map in the frame is too long (at most {MAX_REQUEST_ITEMS} items, 64 keys)"
+    raw = raw_of(BATCH) | {"transfers": [["t", "alice", "bob", 1]] * (MAX_REQUEST_ITEMS + 1)}
+    assert "too long" in reason(raw)
+    # a client takes longer lists, in the answers it gets
+    replies = BatchReply(replies=[RedirectReply(req_id=f"r{i}", leader_id=1) for i in range(MAX_REQUEST_ITEMS + 1)])
+    assert len(decode(encode(replies), MAX_REPLY_ITEMS).replies) == MAX_REQUEST_ITEMS + 1  # type: ignore[union-attr]
 
 
 def test_node_id_out_of_range():

@@ -16,7 +16,7 @@ from ledger.chain import ChainError, genesis_block
 from ledger.messages import Entry, EntryKind, Transfer
 from ledger.raft import HardState
 from ledger.state import LedgerState, TxResult, encode_batch
-from ledger.storage import Storage, StorageError
+from ledger.storage import SCHEMA_VERSION, Storage, StorageError
 
 GENESIS = {"alice": 100, "bob": 50}
 TS = 1_700_000_000_000
@@ -299,7 +299,7 @@ def test_store_of_another_format_is_refused(db_path):
     s = Storage(db_path, GENESIS)
     s.db.execute("UPDATE meta SET v = 1 WHERE k = 'schema'")
     s.close()
-    with pytest.raises(StorageError, match=r"has storage format 1; this version reads format 4$"):
+    with pytest.raises(StorageError, match=rf"has storage format 1; this version reads format {SCHEMA_VERSION}$"):
         Storage(db_path, GENESIS)
 
 
@@ -503,3 +503,37 @@ def test_verify_refuses_state_that_disagrees_with_the_chain(db_path, edit: str, 
     s.db.execute(edit)
     with pytest.raises(StorageError, match=message):
         s.verify_chain()
+
+
+def test_a_damaged_log_entry_is_refused(db_path):
+    s = Storage(db_path, GENESIS)
+    with s.transaction():
+        s.save_entries(1, entries_1_to_4())
+    # one flipped bit in an entry's data: SQLite's pages stay well formed
+    s.db.execute("UPDATE log SET data = CAST(replace(CAST(data AS TEXT), 'carol', 'caroL') AS BLOB) WHERE idx = 3")
+    s.close()
+    s = Storage(db_path, GENESIS)
+    with pytest.raises(StorageError, match=r"^log entry 3 is damaged \(its checksum does not match\)"):
+        s.load()
+    with pytest.raises(StorageError, match="log entry 3 is damaged"):
+        s.entries(2, 4)
+    assert [e.index for e in s.entries(1, 2)] == [1, 2]
+    s.close()
+
+
+def test_an_emptied_database_beside_a_used_index_is_refused(db_path):
+    s = Storage(db_path, GENESIS)
+    apply = state_of(s)
+    with s.transaction():
+        s.save_entries(1, entries_1_to_4())
+        for e in entries_1_to_4():
+            apply.apply(e)
+    s.close()
+    db_path.write_bytes(b"")  # the database is lost, the index beside it is not
+    for suffix in ("-wal", "-shm"):
+        db_path.with_name(db_path.name + suffix).unlink(missing_ok=True)
+    with pytest.raises(StorageError, match=r"is empty, yet the transfer index beside it is not: this node's database "
+                                           r"was lost; refusing to start \(remove .* to rejoin as a new node\)"):
+        Storage(db_path, GENESIS)
+    with pytest.raises(StorageError, match="database was lost"):  # and it stays refused
+        Storage(db_path, GENESIS)
