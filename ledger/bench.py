@@ -18,6 +18,7 @@ import argparse
 import gc
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -117,17 +118,31 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         time.sleep(0.005)  # start together with the other workers
     end = time.monotonic() + spec["duration"]
     now = time.monotonic()
-    for _ in range(spec["clients"]):
-        if budget is None or issued < budget:
-            new_op(now)
+    # Open loop (``rate``): transfers are due at fixed intervals whatever the answers, and a
+    # latency counts from when a transfer was due, so a stall is not hidden by sending less.
+    rate = spec.get("rate")
+    interval = 1.0 / rate if rate else 0.0
+    next_due = now
+    if not rate:
+        for _ in range(spec["clients"]):
+            if budget is None or issued < budget:
+                new_op(now)
     flush()
     next_scan = 0.0  # when to look for transfers whose request timed out
-    while inflight:
+    while inflight or (rate and next_due < end and (budget is None or issued < budget)):
         if time.monotonic() > end + 10:
             outcome["unknown"] += len(inflight)
             break
+        if rate:
+            now = time.monotonic()
+            while next_due <= now and next_due < end and (budget is None or issued < budget):
+                new_op(next_due)
+                next_due += interval
+            flush()
+        sending = rate and next_due < end and (budget is None or issued < budget)
+        wait_ms = max(0, min(50, math.ceil((next_due - time.monotonic()) * 1000))) if sending else 50
         leaderless = False
-        for s, _ in poller.poll(50):
+        for s, _ in poller.poll(wait_ms):
             while True:
                 try:
                     frame = msgpack.unpackb(s.recv(zmq.NOBLOCK))
@@ -145,7 +160,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                             latencies.append((now - op[1]) * 1000)
                             answered_at.append(wall)
                             outcome[status] += 1
-                            if more and (budget is None or issued < budget):
+                            if more and not rate and (budget is None or issued < budget):
                                 new_op(now)
                         continue
                     # A redirect or error for a whole batch: resend what is still waiting on it.
@@ -245,6 +260,7 @@ class Result:
     peak_rss_mb: list[float] = field(default_factory=list)
     disk_bytes_per_transfer: float = 0.0
     durability: str = ""
+    offered_rate: float | None = None  # open loop: transfers/s sent whatever the answers (clients unused)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -252,15 +268,16 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def run_workers(endpoints: dict[int, str], clients: int, duration: float, count: int | None, accounts: int,
-                leader: int, label: str, progress: bool) -> tuple[list[dict[str, Any]], float, float]:
-    n_workers = min(2, clients)
+                leader: int, label: str, progress: bool,
+                rate: float | None = None) -> tuple[list[dict[str, Any]], float, float]:
+    n_workers = 2 if rate else min(2, clients)
     start_at = time.time() + 1.0
     procs = []
     for w in range(n_workers):
         share = clients // n_workers + (1 if w < clients % n_workers else 0)
         spec = {"endpoints": endpoints, "clients": share, "duration": duration, "accounts": accounts,
                 "seed": random.randrange(1 << 30), "prefix": f"{label}{w}-{uuid.uuid4().hex[:6]}",
-                "start_at": start_at, "leader": leader,
+                "start_at": start_at, "leader": leader, "rate": rate / n_workers if rate else None,
                 "count": None if count is None else count // n_workers + (1 if w < count % n_workers else 0)}
         # Output to a file, not a pipe: a worker's large report must not block on a full pipe.
         out = tempfile.TemporaryFile(mode="w+")
@@ -288,7 +305,7 @@ def run_workers(endpoints: dict[int, str], clients: int, duration: float, count:
 
 
 def summarize(system: str, nodes: int, clients: int, outs: list[dict[str, Any]], start_at: float,
-              pids: list[int], cpu0: list[float], data: Path, durability: str) -> Result:
+              pids: list[int], cpu0: list[float], data: Path, durability: str, rate: float | None) -> Result:
     lat = sorted(x for o in outs for x in o["latencies"])
     answered = sorted(x for o in outs for x in o["answered_at"])
     committed = sum(o["committed"] for o in outs)
@@ -300,11 +317,11 @@ def summarize(system: str, nodes: int, clients: int, outs: list[dict[str, Any]],
                   round(done / seconds, 1) if seconds else 0.0, round(_pct(lat, 0.5), 2), round(_pct(lat, 0.95), 2),
                   round(_pct(lat, 0.99), 2), round(lat[-1], 2) if lat else float("nan"), cpu,
                   [round(_peak_rss_mb(p), 1) for p in pids],
-                  round(_dir_bytes(data) / max(1, done) / nodes, 1), durability)
+                  round(_dir_bytes(data) / max(1, done) / nodes, 1), durability, rate)
 
 
 def bench_ours(nodes: int, clients: int, duration: float, count: int | None, accounts: int,
-               progress: bool = True) -> Result:
+               progress: bool = True, rate: float | None = None) -> Result:
     with tempfile.TemporaryDirectory(prefix="raftledger-bench-") as d:
         genesis = {f"acct{i}": 10**12 for i in range(accounts)}
         with LocalCluster(Path(d), nodes=nodes, genesis=genesis) as cluster, cluster.client() as admin:
@@ -312,22 +329,22 @@ def bench_ours(nodes: int, clients: int, duration: float, count: int | None, acc
             pids = [cluster.procs[i].pid for i in cluster.ids]
             cpu0 = [_cpu_seconds(p) for p in pids]
             outs, start_at, _ = run_workers(cluster.cfg.nodes, clients, duration, count, accounts, leader,
-                                            "raftledger", progress)
+                                            "raftledger", progress, rate)
             return summarize("raftledger", nodes, clients, outs, start_at, pids, cpu0, Path(d) / "data",
-                             "SQLite WAL synchronous=FULL: fsync per batch before any ack")
+                             "SQLite WAL synchronous=FULL: fsync per batch before any ack", rate)
 
 
 def bench_pysyncobj(nodes: int, clients: int, duration: float, count: int | None, accounts: int,
-                    progress: bool = True) -> Result:
+                    progress: bool = True, rate: float | None = None) -> Result:
     with tempfile.TemporaryDirectory(prefix="pysyncobj-bench-") as d, \
             PySyncObjCluster(Path(d), nodes, accounts) as cluster:
         leader = _pso_wait_leader(cluster)
         pids = [p.pid for p in cluster.procs.values()]
         cpu0 = [_cpu_seconds(p) for p in pids]
         outs, start_at, _ = run_workers(cluster.endpoints, clients, duration, count, accounts, leader,
-                                        "pysyncobj", progress)
+                                        "pysyncobj", progress, rate)
         return summarize("pysyncobj", nodes, clients, outs, start_at, pids, cpu0, Path(d),
-                         "journal file in an mmap, not fsynced per entry")
+                         "journal file in an mmap, not fsynced per entry", rate)
 
 
 def _pso_wait_leader(cluster: PySyncObjCluster, timeout: float = 30) -> int:
@@ -473,7 +490,8 @@ def table(results: list[Result]) -> str:
            f"{'max ms':>8} {'CPU s/node':>16} {'peak RSS MB':>18} {'B/tx':>6}"
     lines = [head]
     for r in results:
-        lines.append(f"{r.system:<11} {r.nodes:>5} {r.clients:>7} {r.throughput:>9.0f} {r.p50_ms:>7.1f} "
+        load = f"@{r.offered_rate:.0f}/s" if r.offered_rate else str(r.clients)
+        lines.append(f"{r.system:<11} {r.nodes:>5} {load:>7} {r.throughput:>9.0f} {r.p50_ms:>7.1f} "
                      f"{r.p95_ms:>7.1f} {r.p99_ms:>7.1f} {r.max_ms:>8.1f} "
                      f"{'/'.join(f'{c:.1f}' for c in r.cpu_s):>16} {'/'.join(f'{m:.0f}' for m in r.peak_rss_mb):>18} "
                      f"{r.disk_bytes_per_transfer:>6.0f}")
@@ -486,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=64, help="concurrent submitters")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load")
     p.add_argument("--count", type=int, default=None, help="transfers in all (instead of --duration)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop: send this many transfers/s in all, whatever the answers (instead of --clients)")
     p.add_argument("--accounts", type=int, default=100)
     p.add_argument("--compare", choices=("pysyncobj",), help="also run PySyncObj, alternating with ours")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds with --compare")
@@ -500,17 +520,20 @@ def main(argv: list[str] | None = None) -> int:
         gc.set_threshold(50_000, 20, 100)  # as the node does: its garbage is freed by refcount
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    if args.clients < 1 or args.duration <= 0 or args.accounts < 2 or (args.count is not None and args.count < 1):
-        p.error("--clients and --count must be positive, --duration positive, --accounts at least 2")
+    if args.clients < 1 or args.duration <= 0 or args.accounts < 2 or (args.count is not None and args.count < 1) \
+            or (args.rate is not None and args.rate <= 0):
+        p.error("--clients, --count and --rate must be positive, --duration positive, --accounts at least 2")
+    if args.rate and args.sweep:
+        p.error("--sweep runs closed-loop client counts (and an open-loop run at half its peak); leave out --rate")
     record: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     results: list[Result] = []
     counts = SWEEP_CLIENTS if args.sweep else [args.clients]
     duration = args.duration if args.count is None else 1e9  # --count: run until all are answered
     for c in counts:
         for _ in range(args.rounds):
-            results.append(bench_ours(args.nodes, c, duration, args.count, args.accounts))
+            results.append(bench_ours(args.nodes, c, duration, args.count, args.accounts, rate=args.rate))
             if args.compare:
-                results.append(bench_pysyncobj(args.nodes, c, duration, args.count, args.accounts))
+                results.append(bench_pysyncobj(args.nodes, c, duration, args.count, args.accounts, rate=args.rate))
     print(table(results))
     record["results"] = [asdict(r) for r in results]
     if args.compare:
@@ -526,13 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ours / PySyncObj, each at its best client count ({ours.clients} and {theirs.clients}): "
               + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
         print(f"durability: raftledger: {ours.durability}; PySyncObj: {theirs.durability}")
-    ours_runs = [r for r in results if r.system == "raftledger"]
-    if len({r.clients for r in ours_runs}) > 1:
-        peak = max(ours_runs, key=lambda r: r.throughput)
-        half = min(ours_runs, key=lambda r: abs(r.throughput - peak.throughput / 2))
-        record["half_peak"] = asdict(half)
-        print(f"\nat about half the peak ({half.throughput:.0f} of {peak.throughput:.0f} tx/s, {half.clients} clients): "
-              f"p99 {half.p99_ms:.1f} ms")
+    if args.sweep:
+        _half_peak(results, record, args)
     if args.ceiling:
         n = args.count or 300_000
         ceil = ceiling(n, args.accounts)
@@ -553,6 +571,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2))
     return 0
+
+
+def _half_peak(results: list[Result], record: dict[str, Any], args: argparse.Namespace) -> None:
+    """p99 at half the peak throughput, two ways: on the closed-loop sweep's curve (between the
+    two client counts around half the peak), and in an open-loop run offering half the peak."""
+    ours = sorted((r for r in results if r.system == "raftledger"), key=lambda r: r.clients)
+    peak = max(ours, key=lambda r: r.throughput)
+    half = peak.throughput / 2
+    lo = max((r for r in ours if r.throughput <= half), key=lambda r: r.throughput, default=ours[0])
+    hi = min((r for r in ours if r.throughput >= half), key=lambda r: r.throughput, default=peak)
+    frac = 0.0 if hi.throughput == lo.throughput else (half - lo.throughput) / (hi.throughput - lo.throughput)
+    p99 = lo.p99_ms + frac * (hi.p99_ms - lo.p99_ms)
+    print(f"\nhalf the peak ({half:.0f} of {peak.throughput:.0f} tx/s at {peak.clients} clients), closed loop: "
+          f"p99 {p99:.1f} ms (between {lo.clients} clients: {lo.throughput:.0f} tx/s, p99 {lo.p99_ms:.1f} ms and "
+          f"{hi.clients} clients: {hi.throughput:.0f} tx/s, p99 {hi.p99_ms:.1f} ms)")
+    open_loop = bench_ours(args.nodes, peak.clients, args.duration, None, args.accounts, rate=half)
+    print(table([open_loop]))
+    print(f"half the peak, open loop ({half:.0f} tx/s offered whatever the answers, latency from when each was due): "
+          f"{open_loop.throughput:.0f} tx/s, p50 {open_loop.p50_ms:.1f} ms, p99 {open_loop.p99_ms:.1f} ms")
+    record["half_peak"] = {"throughput": half, "closed_loop_p99_ms": round(p99, 2), "between_clients":
+                           [lo.clients, hi.clients], "open_loop": asdict(open_loop)}
 
 
 def _ratios(ours: Result, theirs: Result) -> dict[str, float]:

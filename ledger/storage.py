@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -31,6 +32,14 @@ from ledger.txindex import MemoryTxIndex, RocksTxIndex, TxIndex
 # id -> height index moved to RocksDB (txindex.py). 5: log entries carry a checksum.
 SCHEMA_VERSION = 5
 _SQL_VARS = 500  # ids per IN (...) query, below SQLite's limit on bound parameters
+# Checkpoints (copying the write-ahead log into the database, with an fsync of the database)
+# run on a thread of their own. Run by the node's loop, as SQLite does by default inside the
+# commit that fills the log past 1000 pages, one took 5-15 ms: the p99 of a commit with fsync
+# went from about 1 ms to 11 ms with three nodes on one disk. The loop checkpoints itself only
+# if the thread falls this far behind.
+_LOOP_CHECKPOINT_PAGES = 16_384  # 64 MB
+_CHECKPOINT_IDLE_S = 0.05
+_WAL_FILE_LIMIT = 64 << 20  # the log file is truncated to this after a checkpoint empties it
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
@@ -78,9 +87,14 @@ class Storage:
             self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute(f"PRAGMA journal_size_limit={_WAL_FILE_LIMIT}")
             self.db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open {path}: {exc}") from None
+        self._checkpointer: _Checkpointer | None = None
+        if path != ":memory:":
+            self.db.execute(f"PRAGMA wal_autocheckpoint={_LOOP_CHECKPOINT_PAGES}")
+            self._checkpointer = _Checkpointer(str(path))
         self._in_tx = False
         self._durable = True
         gen = genesis_block(genesis)
@@ -159,6 +173,8 @@ class Storage:
             self._in_tx = False
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self.db.close()
         self.index.close()
 
@@ -306,3 +322,33 @@ class Storage:
 
     def _set_meta(self, key: str, value: object) -> None:
         self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v=excluded.v", (key, value))
+
+
+class _Checkpointer:
+    """Copies the write-ahead log into the database on a thread of its own (sqlite3 lets go of
+    the GIL while it does I/O), so the node's loop never waits for a checkpoint. A passive
+    checkpoint takes no lock a writer needs and only copies what is committed; once it has
+    copied everything, the writer's next transaction starts the log from its beginning."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA synchronous=FULL")  # the log is fsynced before it is copied
+            while not self._stopping.is_set():
+                _, pages, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if pages == copied:  # all copied (or -1, -1: busy): nothing to do for a while
+                    self._stopping.wait(_CHECKPOINT_IDLE_S)
+        except sqlite3.Error:
+            pass  # the loop's own checkpoints (past _LOOP_CHECKPOINT_PAGES) take over
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
