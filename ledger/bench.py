@@ -289,9 +289,12 @@ def run_workers(endpoints: dict[int, str], clients: int, duration: float, count:
     while any(p.poll() is None for p, _ in procs):
         if progress:
             el = time.monotonic() - t0
-            frac = min(1.0, el / duration)
-            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-            sys.stderr.write(f"\r  {label:<10} [{bar}] {el:5.1f}s ")
+            if count is None:
+                frac = min(1.0, el / duration)
+                bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+                sys.stderr.write(f"\r  {label:<10} [{bar}] {el:5.1f}s ")
+            else:  # the workers report their answers at the end: only the time is known
+                sys.stderr.write(f"\r  {label:<10} {count} transfers, {el:5.1f}s ")
             sys.stderr.flush()
         time.sleep(0.2)
     if progress:
