@@ -261,6 +261,7 @@ class Result:
     disk_bytes_per_transfer: float = 0.0
     durability: str = ""
     offered_rate: float | None = None  # open loop: transfers/s sent whatever the answers (clients unused)
+    rss_end_mb: list[float] = field(default_factory=list)  # when the last answer is in
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -320,7 +321,8 @@ def summarize(system: str, nodes: int, clients: int, outs: list[dict[str, Any]],
                   round(done / seconds, 1) if seconds else 0.0, round(_pct(lat, 0.5), 2), round(_pct(lat, 0.95), 2),
                   round(_pct(lat, 0.99), 2), round(lat[-1], 2) if lat else float("nan"), cpu,
                   [round(_peak_rss_mb(p), 1) for p in pids],
-                  round(_dir_bytes(data) / max(1, done) / nodes, 1), durability, rate)
+                  round(_dir_bytes(data) / max(1, done) / nodes, 1), durability, rate,
+                  [round(_rss_mb(p), 1) for p in pids])
 
 
 def bench_ours(nodes: int, clients: int, duration: float, count: int | None, accounts: int,
@@ -490,13 +492,14 @@ def machine() -> dict[str, Any]:
 
 def table(results: list[Result]) -> str:
     head = f"{'system':<11} {'nodes':>5} {'clients':>7} {'tx/s':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} " \
-           f"{'max ms':>8} {'CPU s/node':>16} {'peak RSS MB':>18} {'B/tx':>6}"
+           f"{'max ms':>8} {'CPU s/node':>16} {'peak RSS MB':>18} {'RSS at end':>18} {'B/tx':>6}"
     lines = [head]
     for r in results:
         load = f"@{r.offered_rate:.0f}/s" if r.offered_rate else str(r.clients)
         lines.append(f"{r.system:<11} {r.nodes:>5} {load:>7} {r.throughput:>9.0f} {r.p50_ms:>7.1f} "
                      f"{r.p95_ms:>7.1f} {r.p99_ms:>7.1f} {r.max_ms:>8.1f} "
                      f"{'/'.join(f'{c:.1f}' for c in r.cpu_s):>16} {'/'.join(f'{m:.0f}' for m in r.peak_rss_mb):>18} "
+                     f"{'/'.join(f'{m:.0f}' for m in r.rss_end_mb):>18} "
                      f"{r.disk_bytes_per_transfer:>6.0f}")
     return "\n".join(lines)
 
