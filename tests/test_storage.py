@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -537,3 +538,26 @@ def test_an_emptied_database_beside_a_used_index_is_refused(db_path):
         Storage(db_path, GENESIS)
     with pytest.raises(StorageError, match="database was lost"):  # and it stays refused
         Storage(db_path, GENESIS)
+
+
+def test_checkpoints_run_off_the_loop_and_stop_with_the_storage(db_path) -> None:
+    """The write-ahead log is copied into the database by the checkpoint thread, not by the
+    writer's commits (those would stall the node's loop), and the thread ends on close()."""
+    s = Storage(db_path, GENESIS)
+    thread = s._checkpointer._thread
+    assert thread.is_alive()
+    blob = b"x" * 20_000
+    for i in range(1, 101):  # 2 MB of log, far below the size at which the loop checkpoints itself
+        with s.transaction():
+            s.save_entries(i, [Entry(index=i, term=1, kind=EntryKind.TXS, data=blob)])
+    deadline = time.monotonic() + 10
+    while db_path.stat().st_size < 2_000_000:  # the pages reach the database file itself
+        assert time.monotonic() < deadline, f"database file still {db_path.stat().st_size} bytes"
+        time.sleep(0.05)
+    s.close()
+    assert not thread.is_alive()
+    s2 = Storage(db_path, GENESIS)
+    try:
+        assert [e.index for e in s2.load().entries] == list(range(1, 101))
+    finally:
+        s2.close()
