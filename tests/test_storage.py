@@ -61,6 +61,16 @@ def entries_1_to_4() -> list[Entry]:
 # ---- a fresh store -----------------------------------------------------------------------------------
 
 
+def storage_with_entries_1_to_4_applied(db_path) -> Storage:
+    s = Storage(db_path, GENESIS)
+    st = state_of(s)
+    with s.transaction():
+        s.save_entries(1, entries_1_to_4())
+        for e in entries_1_to_4():
+            st.apply(e)
+    return s
+
+
 def test_fresh_store_holds_genesis_only(db_path):
     s = Storage(db_path, GENESIS)
     rec = s.load()
@@ -494,12 +504,7 @@ def test_c13_writer_killed_mid_transaction(tmp_path):
     ("UPDATE meta SET v = 1 WHERE k = 'applied'", "applied index 1 is behind the chain's head"),
 ])
 def test_verify_refuses_state_that_disagrees_with_the_chain(db_path, edit: str, message: str) -> None:
-    s = Storage(db_path, GENESIS)
-    st = state_of(s)
-    with s.transaction():
-        s.save_entries(1, entries_1_to_4())
-        for e in entries_1_to_4():
-            st.apply(e)
+    s = storage_with_entries_1_to_4_applied(db_path)
     assert s.verify_chain() == 3
     s.db.execute(edit)
     with pytest.raises(StorageError, match=message):
@@ -523,13 +528,7 @@ def test_a_damaged_log_entry_is_refused(db_path):
 
 
 def test_an_emptied_database_beside_a_used_index_is_refused(db_path):
-    s = Storage(db_path, GENESIS)
-    apply = state_of(s)
-    with s.transaction():
-        s.save_entries(1, entries_1_to_4())
-        for e in entries_1_to_4():
-            apply.apply(e)
-    s.close()
+    storage_with_entries_1_to_4_applied(db_path).close()
     db_path.write_bytes(b"")  # the database is lost, the index beside it is not
     for suffix in ("-wal", "-shm"):
         db_path.with_name(db_path.name + suffix).unlink(missing_ok=True)
