@@ -262,6 +262,8 @@ class Result:
     durability: str = ""
     offered_rate: float | None = None  # open loop: transfers/s sent whatever the answers (clients unused)
     rss_end_mb: list[float] = field(default_factory=list)  # when the last answer is in
+    # When a tenth of the answers were in (of --count 1000000: at 100,000), to set beside rss_end_mb.
+    rss_at_tenth_mb: list[float] = field(default_factory=list)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -269,8 +271,10 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def run_workers(endpoints: dict[int, str], clients: int, duration: float, count: int | None, accounts: int,
-                leader: int, label: str, progress: bool,
-                rate: float | None = None) -> tuple[list[dict[str, Any]], float, float]:
+                leader: int, label: str, progress: bool, rate: float | None = None,
+                rss_of: list[int] | None = None,
+                rss_samples: list[tuple[float, list[float]]] | None = None) -> tuple[list[dict[str, Any]], float, float]:
+    """Run the load processes; with ``rss_of``, sample those processes' RSS into ``rss_samples``."""
     n_workers = 2 if rate else min(2, clients)
     start_at = time.time() + 1.0
     procs = []
@@ -288,6 +292,8 @@ def run_workers(endpoints: dict[int, str], clients: int, duration: float, count:
         time.sleep(0.01)
     t0 = time.monotonic()
     while any(p.poll() is None for p, _ in procs):
+        if rss_of and rss_samples is not None:
+            rss_samples.append((time.time(), [round(_rss_mb(p), 1) for p in rss_of]))
         if progress:
             el = time.monotonic() - t0
             if count is None:
@@ -333,10 +339,16 @@ def bench_ours(nodes: int, clients: int, duration: float, count: int | None, acc
             leader = cluster.wait_leader(admin, timeout=15)
             pids = [cluster.procs[i].pid for i in cluster.ids]
             cpu0 = [_cpu_seconds(p) for p in pids]
+            samples: list[tuple[float, list[float]]] = []
             outs, start_at, _ = run_workers(cluster.cfg.nodes, clients, duration, count, accounts, leader,
-                                            "raftledger", progress, rate)
-            return summarize("raftledger", nodes, clients, outs, start_at, pids, cpu0, Path(d) / "data",
-                             "SQLite WAL synchronous=FULL: fsync per batch before any ack", rate)
+                                            "raftledger", progress, rate, pids, samples)
+            result = summarize("raftledger", nodes, clients, outs, start_at, pids, cpu0, Path(d) / "data",
+                               "SQLite WAL synchronous=FULL: fsync per batch before any ack", rate)
+            answered = sorted(t for o in outs for t in o["answered_at"])
+            if len(answered) >= 10:
+                tenth = answered[len(answered) // 10 - 1]
+                result.rss_at_tenth_mb = next((rss for t, rss in samples if t >= tenth), result.rss_end_mb)
+            return result
 
 
 def bench_pysyncobj(nodes: int, clients: int, duration: float, count: int | None, accounts: int,
@@ -526,9 +538,10 @@ def main(argv: list[str] | None = None) -> int:
         gc.set_threshold(50_000, 20, 100)  # as the node does: its garbage is freed by refcount
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    if args.clients < 1 or args.duration <= 0 or args.accounts < 2 or (args.count is not None and args.count < 1) \
-            or (args.rate is not None and args.rate <= 0):
-        p.error("--clients, --count and --rate must be positive, --duration positive, --accounts at least 2")
+    if args.clients < 1 or not 0 < args.duration < math.inf or args.accounts < 2 \
+            or (args.count is not None and args.count < 1) or (args.rate is not None and not 0 < args.rate < math.inf):
+        p.error("--clients and --count must be positive integers, --rate and --duration positive finite numbers, "
+                "--accounts at least 2")
     if args.rate and args.sweep:
         p.error("--sweep runs closed-loop client counts (and an open-loop run at half its peak); leave out --rate")
     record: dict[str, Any] = {"machine": machine(), "args": vars(args)}
@@ -542,6 +555,12 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(bench_pysyncobj(args.nodes, c, duration, args.count, args.accounts, rate=args.rate))
     print(table(results))
     record["results"] = [asdict(r) for r in results]
+    for r in results:
+        if args.count and r.rss_at_tenth_mb:
+            growth = max(e / t - 1 for e, t in zip(r.rss_end_mb, r.rss_at_tenth_mb))
+            print(f"{r.system} RSS per node at {args.count // 10} answered: "
+                  f"{'/'.join(f'{m:.0f}' for m in r.rss_at_tenth_mb)} MB; at {args.count}: "
+                  f"{'/'.join(f'{m:.0f}' for m in r.rss_end_mb)} MB (at most {growth:+.0%})")
     if args.compare:
         pairs = [(a, b) for a, b in zip(results[::2], results[1::2])]
         print("\nours / PySyncObj at the same client count:")
