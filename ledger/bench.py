@@ -40,6 +40,8 @@ from ledger.cluster import LocalCluster, free_ports
 from ledger.messages import MAX_BATCH_TRANSFERS
 
 REQUEST_TIMEOUT_S = 2.0
+MAX_RATE = 1_000_000  # --rate: far above what a cluster here answers; bounds a load worker's turn
+MAX_ISSUE_PER_TURN = 20_000  # transfers a load worker issues in one turn of its loop (open loop)
 # Client counts of --sweep: up to where PySyncObj stops gaining (about 16k here).
 SWEEP_CLIENTS = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
@@ -135,7 +137,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             break
         if rate:
             now = time.monotonic()
-            while next_due <= now and next_due < end and (budget is None or issued < budget):
+            for _ in range(MAX_ISSUE_PER_TURN):
+                if not (next_due <= now and next_due < end and (budget is None or issued < budget)):
+                    break
                 new_op(next_due)
                 next_due += interval
             flush()
@@ -288,24 +292,31 @@ def run_workers(endpoints: dict[int, str], clients: int, duration: float, count:
         out = tempfile.TemporaryFile(mode="w+")
         procs.append((subprocess.Popen([sys.executable, "-m", "ledger.bench", "--worker", json.dumps(spec)],
                                        stdout=out, text=True), out))
-    while time.time() < start_at:
-        time.sleep(0.01)
     t0 = time.monotonic()
-    while any(p.poll() is None for p, _ in procs):
-        if rss_of and rss_samples is not None:
-            rss_samples.append((time.time(), [round(_rss_mb(p), 1) for p in rss_of]))
+    try:
+        while time.time() < start_at:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        while any(p.poll() is None for p, _ in procs):
+            if rss_of and rss_samples is not None:
+                rss_samples.append((time.time(), [round(_rss_mb(p), 1) for p in rss_of]))
+            if progress:
+                el = time.monotonic() - t0
+                if count is None:
+                    frac = min(1.0, el / duration)
+                    bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+                    sys.stderr.write(f"\r  {label:<10} [{bar}] {el:5.1f}s ")
+                else:  # the workers report their answers at the end: only the time is known
+                    sys.stderr.write(f"\r  {label:<10} {count} transfers, {el:5.1f}s ")
+                sys.stderr.flush()
+            time.sleep(0.2)
         if progress:
-            el = time.monotonic() - t0
-            if count is None:
-                frac = min(1.0, el / duration)
-                bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-                sys.stderr.write(f"\r  {label:<10} [{bar}] {el:5.1f}s ")
-            else:  # the workers report their answers at the end: only the time is known
-                sys.stderr.write(f"\r  {label:<10} {count} transfers, {el:5.1f}s ")
-            sys.stderr.flush()
-        time.sleep(0.2)
-    if progress:
-        sys.stderr.write("\n")
+            sys.stderr.write("\n")
+    finally:
+        for proc, _ in procs:  # stopped early (Ctrl-C, SIGTERM, an error): no load process left behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     reports = []
     for _, out in procs:
         out.seek(0)
@@ -345,8 +356,8 @@ def bench_ours(nodes: int, clients: int, duration: float, count: int | None, acc
             result = summarize("raftledger", nodes, clients, outs, start_at, pids, cpu0, Path(d) / "data",
                                "SQLite WAL synchronous=FULL: fsync per batch before any ack", rate)
             answered = sorted(t for o in outs for t in o["answered_at"])
-            if len(answered) >= 10:
-                tenth = answered[len(answered) // 10 - 1]
+            if answered:
+                tenth = answered[max(1, len(answered) // 10) - 1]
                 result.rss_at_tenth_mb = next((rss for t, rss in samples if t >= tenth), result.rss_end_mb)
             return result
 
@@ -519,8 +530,8 @@ def table(results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ledger.bench", description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, choices=(3, 5), default=3)
-    p.add_argument("--clients", type=int, default=64, help="concurrent submitters")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of load")
+    p.add_argument("--clients", type=int, default=None, help="concurrent submitters (closed loop; default 64)")
+    p.add_argument("--duration", type=float, default=None, help="seconds of load (default 10)")
     p.add_argument("--count", type=int, default=None, help="transfers in all (instead of --duration)")
     p.add_argument("--rate", type=float, default=None,
                    help="open loop: send this many transfers/s in all, whatever the answers (instead of --clients)")
@@ -536,14 +547,54 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         gc.set_threshold(50_000, 20, 100)  # as the node does: its garbage is freed by refcount
-        print(json.dumps(worker(json.loads(args.worker))))
+        try:
+            print(json.dumps(worker(json.loads(args.worker))))
+        except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the main process reports it
+            return 130
         return 0
-    if args.clients < 1 or not 0 < args.duration < math.inf or args.accounts < 2 \
-            or (args.count is not None and args.count < 1) or (args.rate is not None and not 0 < args.rate < math.inf):
-        p.error("--clients and --count must be positive integers, --rate and --duration positive finite numbers, "
-                "--accounts at least 2")
-    if args.rate and args.sweep:
-        p.error("--sweep runs closed-loop client counts (and an open-loop run at half its peak); leave out --rate")
+    problem = _argument_problem(args)
+    if problem:
+        p.error(problem)
+    args.clients = 64 if args.clients is None else args.clients
+    args.duration = 10.0 if args.duration is None else args.duration
+    # A stopped benchmark stops its clusters and load processes (context managers, finally).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("python -m ledger.bench: interrupted; clusters and load processes stopped", file=sys.stderr)
+        return 130
+
+
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """The first thing wrong with the arguments, or None."""
+    if args.clients is not None and args.clients < 1:
+        return "--clients must be at least 1"
+    if args.count is not None and args.count < 1:
+        return "--count must be at least 1"
+    if args.duration is not None and not 0 < args.duration < math.inf:
+        return "--duration must be a positive, finite number of seconds"
+    if args.rate is not None and not 0 < args.rate <= MAX_RATE:
+        return f"--rate must be above 0 and at most {MAX_RATE} transfers/s"
+    if args.rate is not None and args.clients is not None:
+        return "--clients (closed loop) and --rate (open loop) exclude each other"
+    if args.count is not None and args.duration is not None and args.rate is None:
+        return "--count and --duration exclude each other (with --count the run lasts until all are answered)"
+    if args.rate is not None and args.sweep:
+        return "--sweep runs closed-loop client counts (and an open-loop run at half its peak); leave out --rate"
+    if args.accounts < 2:
+        return "--accounts must be at least 2"
+    if args.rounds < 1:
+        return "--rounds must be at least 1"
+    if args.failover < 0 or args.catchup < 0:
+        return "--failover and --catchup must not be negative (0: not run)"
+    for option, path in (("--json", args.json), ("--sweep", args.sweep)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            return f"{option} {path}: directory {Path(path).resolve().parent} does not exist"
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
     record: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     results: list[Result] = []
     counts = SWEEP_CLIENTS if args.sweep else [args.clients]
@@ -558,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if args.count and r.rss_at_tenth_mb:
             growth = max(e / t - 1 for e, t in zip(r.rss_end_mb, r.rss_at_tenth_mb))
-            print(f"{r.system} RSS per node at {args.count // 10} answered: "
+            print(f"{r.system} RSS per node at {max(1, args.count // 10)} answered: "
                   f"{'/'.join(f'{m:.0f}' for m in r.rss_at_tenth_mb)} MB; at {args.count}: "
                   f"{'/'.join(f'{m:.0f}' for m in r.rss_end_mb)} MB (at most {growth:+.0%})")
     if args.compare:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -440,10 +441,7 @@ def run(args: argparse.Namespace, client: LedgerClient) -> int:
         leaders = [n for n, s in st.items() if s is not None and s.role == "leader"]
         leader = max(leaders, key=lambda n: st[n].term) if leaders else None  # type: ignore[union-attr]
         if not any(st.values()):
-            if as_json:
-                _print({"leader": None, "nodes": [{"id": n, "answered": False} for n in st]})
-            print("cluster unavailable: no node answered", file=sys.stderr)
-            return EXIT_UNAVAILABLE
+            raise ClusterUnavailable("cluster unavailable: no node answered")
         if as_json:
             nodes = []
             for n, s in st.items():
@@ -482,6 +480,8 @@ def run(args: argparse.Namespace, client: LedgerClient) -> int:
         return EXIT_OK
     if args.command == "verify":
         rep = client.verify()
+        if not rep.chains:
+            raise ClusterUnavailable("cluster unavailable: no node answered")
         if as_json:
             _print({
                 "ok": rep.ok,
@@ -499,8 +499,6 @@ def run(args: argparse.Namespace, client: LedgerClient) -> int:
         else:
             for problem in rep.problems:
                 print(f"FAILED: {problem}")
-        if not rep.chains:
-            return EXIT_UNAVAILABLE
         return EXIT_OK if rep.ok else EXIT_FAILED
     raise AssertionError(args.command)
 
@@ -517,8 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     timeout = getattr(args, "timeout", 15.0)
-    if not timeout > 0:
-        return fail(EXIT_USAGE, "error: --timeout must be positive")
+    if not 0 < timeout < math.inf:
+        return fail(EXIT_USAGE, "error: --timeout must be a positive, finite number of seconds")
     if args.command == "chain" and args.end is not None and args.start > args.end:
         return fail(EXIT_USAGE, f"error: --from {args.start} is above --to {args.end}")
     try:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -10,8 +16,12 @@ import pytest
 from ledger import bench
 
 
-@pytest.mark.parametrize("args", [["--rate", "nan"], ["--rate", "0"], ["--duration", "inf"], ["--clients", "0"],
-                                  ["--count", "-3"], ["--accounts", "1"], ["--sweep", "x.png", "--rate", "100"]])
+@pytest.mark.parametrize("args", [
+    ["--rate", "nan"], ["--rate", "0"], ["--rate", "1e308"], ["--duration", "inf"], ["--clients", "0"],
+    ["--count", "-3"], ["--accounts", "1"], ["--sweep", "x.png", "--rate", "100"], ["--rate", "100", "--clients", "4"],
+    ["--count", "10", "--duration", "1"], ["--rounds", "0"], ["--failover", "-1"], ["--catchup", "-5"],
+    ["--json", "/nonexistent/dir/x.json"],
+])
 def test_bad_arguments_exit_2_with_a_reason(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         bench.main(args)
@@ -40,3 +50,35 @@ def test_an_open_loop_run_sends_at_its_rate(tmp_path: Path) -> None:
     done = r["committed"] + r["rejected"]
     assert 1900 <= done <= 2000 and r["unknown"] == 0  # 1000/s for 2 s, whatever the answers
     assert 900 < r["throughput"] < 1100
+
+
+def _marked_processes(mark: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and f"BENCH_MARK={mark}".encode() in (d / "environ").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            pass  # gone, or not ours to read
+    return pids
+
+
+def test_a_terminated_benchmark_leaves_no_process_behind() -> None:
+    mark = uuid.uuid4().hex
+    bench_proc = subprocess.Popen([sys.executable, "-m", "ledger.bench", "--clients", "8", "--duration", "60"],
+                                  env={**os.environ, "BENCH_MARK": mark}, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while len(_marked_processes(mark)) < 6:  # the bench, three nodes and two load processes
+            assert time.monotonic() < deadline, "the benchmark did not get going"
+            time.sleep(0.1)
+        bench_proc.send_signal(signal.SIGTERM)
+        assert bench_proc.wait(20) == 143
+        deadline = time.monotonic() + 10
+        while _marked_processes(mark):
+            assert time.monotonic() < deadline, f"left running: {_marked_processes(mark)}"
+            time.sleep(0.1)
+    finally:
+        for pid in _marked_processes(mark):
+            os.kill(pid, signal.SIGKILL)

@@ -85,15 +85,15 @@ def test_usage_errors_exit_2_with_one_line(capsys, argv, needle):
     assert line.startswith("ledger")
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
 def test_timeout_must_be_positive(capsys, value):
     assert run(["--timeout", value, "status"]) == EXIT_USAGE
-    assert one_line_error(capsys) == "ledger: error: --timeout must be positive"
+    assert one_line_error(capsys) == "ledger: error: --timeout must be a positive, finite number of seconds"
 
 
 def test_timeout_after_the_subcommand_is_checked_too(capsys):
     assert run(["status", "--timeout", "0"]) == EXIT_USAGE
-    assert one_line_error(capsys) == "ledger: error: --timeout must be positive"
+    assert one_line_error(capsys) == "ledger: error: --timeout must be a positive, finite number of seconds"
 
 
 def test_missing_config_file(capsys, tmp_path):
@@ -125,15 +125,7 @@ def test_status_with_no_node_up_exits_3_quickly(capsys, tmp_path):
     assert time.monotonic() - start < 5
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == "cluster unavailable: no node answered\n"
-
-
-def test_status_json_with_no_node_up(capsys, tmp_path):
-    cfg = dead_cluster(tmp_path, 1)
-    assert run(["--config", str(cfg), "--timeout", "1", "--json", "status"]) == EXIT_UNAVAILABLE
-    out, err = capsys.readouterr()
-    assert out == '{"leader": null, "nodes": [{"answered": false, "id": 0}]}\n'
-    assert err == "cluster unavailable: no node answered\n"
+    assert err == "ledger: cluster unavailable: no node answered\n"
 
 
 def test_submit_with_no_node_up_exits_3_after_its_timeout(capsys, tmp_path):
@@ -160,7 +152,8 @@ def test_chain_with_no_node_up_exits_3(capsys, tmp_path):
     assert capsys.readouterr().err == "ledger: cluster unavailable: no node answered\n"
 
 
-@pytest.mark.parametrize("argv", [["submit", "alice", "bob", "1"], ["balance", "alice"], ["chain"]])
+@pytest.mark.parametrize("argv", [["submit", "alice", "bob", "1"], ["balance", "alice"], ["chain"], ["status"],
+                                  ["verify"]])
 def test_json_commands_print_one_document_when_the_cluster_is_down(capsys, tmp_path, argv):
     cfg = dead_cluster(tmp_path, 1)
     assert run(["--config", str(cfg), "--timeout", "0.2", "--json", *argv]) == EXIT_UNAVAILABLE
@@ -180,4 +173,5 @@ def test_status_gives_up_within_its_timeout(tmp_path):
 def test_verify_with_no_node_up_exits_3(capsys, tmp_path):
     cfg = dead_cluster(tmp_path, 1)
     assert run(["--config", str(cfg), "verify"]) == EXIT_UNAVAILABLE
-    assert capsys.readouterr().out == "FAILED: no node answered\n"
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", "ledger: cluster unavailable: no node answered\n")
