@@ -125,26 +125,32 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     rate = spec.get("rate")
     interval = 1.0 / rate if rate else 0.0
     next_due = now
+
+    def more_to_issue() -> bool:
+        return budget is None or issued < budget
+
+    def open_loop_sending() -> bool:
+        return bool(rate) and next_due < end and more_to_issue()
+
     if not rate:
         for _ in range(spec["clients"]):
-            if budget is None or issued < budget:
+            if more_to_issue():
                 new_op(now)
     flush()
     next_scan = 0.0  # when to look for transfers whose request timed out
-    while inflight or (rate and next_due < end and (budget is None or issued < budget)):
+    while inflight or open_loop_sending():
         if time.monotonic() > end + 10:
             outcome["unknown"] += len(inflight)
             break
         if rate:
             now = time.monotonic()
             for _ in range(MAX_ISSUE_PER_TURN):
-                if not (next_due <= now and next_due < end and (budget is None or issued < budget)):
+                if next_due > now or not open_loop_sending():
                     break
                 new_op(next_due)
                 next_due += interval
             flush()
-        sending = rate and next_due < end and (budget is None or issued < budget)
-        wait_ms = max(0, min(50, math.ceil((next_due - time.monotonic()) * 1000))) if sending else 50
+        wait_ms = max(0, min(50, math.ceil((next_due - time.monotonic()) * 1000))) if open_loop_sending() else 50
         leaderless = False
         for s, _ in poller.poll(wait_ms):
             while True:
@@ -164,7 +170,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                             latencies.append((now - op[1]) * 1000)
                             answered_at.append(wall)
                             outcome[status] += 1
-                            if more and not rate and (budget is None or issued < budget):
+                            if more and not rate and more_to_issue():
                                 new_op(now)
                         continue
                     # A redirect or error for a whole batch: resend what is still waiting on it.
@@ -228,16 +234,10 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _peak_rss_mb(pid: int) -> float:
+def _status_mb(pid: int, field: str) -> float:
+    """A memory figure of /proc/PID/status in MB: VmRSS now, VmHWM the peak."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -299,7 +299,7 @@ def run_workers(endpoints: dict[int, str], clients: int, duration: float, count:
         t0 = time.monotonic()
         while any(p.poll() is None for p, _ in procs):
             if rss_of and rss_samples is not None:
-                rss_samples.append((time.time(), [round(_rss_mb(p), 1) for p in rss_of]))
+                rss_samples.append((time.time(), [round(_status_mb(p, "VmRSS"), 1) for p in rss_of]))
             if progress:
                 el = time.monotonic() - t0
                 if count is None:
@@ -337,9 +337,9 @@ def summarize(system: str, nodes: int, clients: int, outs: list[dict[str, Any]],
     return Result(system, nodes, clients, round(seconds, 2), committed, rejected, sum(o["unknown"] for o in outs),
                   round(done / seconds, 1) if seconds else 0.0, round(_pct(lat, 0.5), 2), round(_pct(lat, 0.95), 2),
                   round(_pct(lat, 0.99), 2), round(lat[-1], 2) if lat else float("nan"), cpu,
-                  [round(_peak_rss_mb(p), 1) for p in pids],
+                  [round(_status_mb(p, "VmHWM"), 1) for p in pids],
                   round(_dir_bytes(data) / max(1, done) / nodes, 1), durability, rate,
-                  [round(_rss_mb(p), 1) for p in pids])
+                  [round(_status_mb(p, "VmRSS"), 1) for p in pids])
 
 
 def bench_ours(nodes: int, clients: int, duration: float, count: int | None, accounts: int,

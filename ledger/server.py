@@ -37,7 +37,7 @@ from ledger.storage import Storage
 from ledger.transport import ZeroMQServer, peer_identity
 
 MAX_TICKS_PER_TURN = 5  # after a stall, catch up a few ticks, not a burst that fires elections
-# How often freed heap memory goes back to the OS (see _trim_heap).
+# How often freed heap memory goes back to the OS (see _heap_trimmer).
 TRIM_INTERVAL_S = 5.0
 # Answers packed into one BatchReply frame, counting a SubmitResults row as one: about 1.5 MB,
 # well below the frame limit.

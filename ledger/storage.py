@@ -31,7 +31,6 @@ from ledger.txindex import MemoryTxIndex, RocksTxIndex, TxIndex
 # (status, reason and transfer are read from the block when a retry asks for them). 4: the
 # id -> height index moved to RocksDB (txindex.py). 5: log entries carry a checksum.
 SCHEMA_VERSION = 5
-_SQL_VARS = 500  # ids per IN (...) query, below SQLite's limit on bound parameters
 # Checkpoints (copying the write-ahead log into the database, with an fsync of the database)
 # run on a thread of their own. Run by the node's loop, as SQLite does by default inside the
 # commit that fills the log past 1000 pages, one took 5-15 ms: the p99 of a commit with fsync

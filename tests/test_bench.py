@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from polling import wait_until
 
 from ledger import bench
 
@@ -69,16 +69,11 @@ def test_a_terminated_benchmark_leaves_no_process_behind() -> None:
                                   env={**os.environ, "BENCH_MARK": mark}, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while len(_marked_processes(mark)) < 6:  # the bench, three nodes and two load processes
-            assert time.monotonic() < deadline, "the benchmark did not get going"
-            time.sleep(0.1)
+        # The bench, three nodes and two load processes.
+        wait_until(lambda: len(_marked_processes(mark)) >= 6, 30, "the benchmark to get going", 0.1)
         bench_proc.send_signal(signal.SIGTERM)
         assert bench_proc.wait(20) == 143
-        deadline = time.monotonic() + 10
-        while _marked_processes(mark):
-            assert time.monotonic() < deadline, f"left running: {_marked_processes(mark)}"
-            time.sleep(0.1)
+        wait_until(lambda: not _marked_processes(mark), 10, "every process it started to end", 0.1)
     finally:
         for pid in _marked_processes(mark):
             os.kill(pid, signal.SIGKILL)

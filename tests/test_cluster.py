@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from polling import wait_until
 
 from ledger.client import LedgerClient
 from ledger.cluster import RUN_NODE, LocalCluster
@@ -32,15 +33,6 @@ def submit_many(client: LedgerClient, n: int, start: int, acked: Counter[str]) -
         r = client.submit(sender, recipient, 1 + k % 7, tx_id=f"t{k}")
         assert r.status == "committed", r
         acked[r.tx_id] += 1
-
-
-def wait_until(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.02)  # polling interval; the deadline decides
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def node_status(client: LedgerClient, node: int) -> StatusReply | None:

@@ -125,7 +125,9 @@ def test_forged_frames_cannot_take_a_running_cluster_down(tmp_path: Path) -> Non
         assert client.balance("bob").balance == 6
         events = [json.loads(line)["event"] for line in cluster.log_file(leader).read_text().splitlines()]
         assert "message_ignored" in events
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not all(cluster.alive(i) for i in cluster.ids):
-            time.sleep(0.05)  # polling: nobody may die later either
-        assert all(cluster.alive(i) for i in cluster.ids)
+        # Nobody may die later either: watch the processes for a while (an observation window,
+        # not a wait for something to happen).
+        watch_until = time.monotonic() + 2
+        while time.monotonic() < watch_until:
+            assert all(cluster.alive(i) for i in cluster.ids)
+            time.sleep(0.05)

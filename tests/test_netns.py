@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from polling import wait_until
 
 from ledger.cluster import RUN_NODE
 
@@ -152,13 +153,13 @@ def test_partitioned_leader_loses_office_and_rejoins(hosts: Hosts, tmp_path: Pat
         assert lonely.returncode == 3
 
         hosts.heal(old)
-        end = time.monotonic() + 20
-        while time.monotonic() < end:
+
+        def level() -> bool:
             st = status(hosts, cfg)
             heads = {n.get("head_hash") for n in st["nodes"] if n.get("answered")}
-            if all(n.get("answered") for n in st["nodes"]) and len(heads) == 1:
-                break
-            time.sleep(0.2)  # polling interval; the deadline decides
+            return all(n.get("answered") for n in st["nodes"]) and len(heads) == 1
+
+        wait_until(level, 20, "every node to answer with the same head", 0.2)
         bal = cli(hosts, hosts.client_ns, cfg, "--json", "balance", "bob")
         assert json.loads(bal.stdout)["balance"] == 75
         # The old leader's uncommitted entry was overwritten by the new leader's log.

@@ -9,9 +9,9 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
+from polling import wait_until
 
 from ledger.chain import ChainError, genesis_block
 from ledger.messages import Entry, EntryKind, Transfer
@@ -549,10 +549,8 @@ def test_checkpoints_run_off_the_loop_and_stop_with_the_storage(db_path) -> None
     for i in range(1, 101):  # 2 MB of log, far below the size at which the loop checkpoints itself
         with s.transaction():
             s.save_entries(i, [Entry(index=i, term=1, kind=EntryKind.TXS, data=blob)])
-    deadline = time.monotonic() + 10
-    while db_path.stat().st_size < 2_000_000:  # the pages reach the database file itself
-        assert time.monotonic() < deadline, f"database file still {db_path.stat().st_size} bytes"
-        time.sleep(0.05)
+    # The pages reach the database file itself.
+    wait_until(lambda: db_path.stat().st_size >= 2_000_000, 10, "2 MB of pages in the database file")
     s.close()
     assert not thread.is_alive()
     s2 = Storage(db_path, GENESIS)
