@@ -195,7 +195,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     for s in socks.values():
         s.close(0)
     ctx.term()
-    return {"latencies": latencies, "answered_at": answered_at, **outcome}
+    return {"latencies": latencies, "answered_at": answered_at, "cpu_s": time.process_time(), **outcome}
 
 
 # ---- clusters under test ------------------------------------------------------------------------
@@ -268,6 +268,8 @@ class Result:
     rss_end_mb: list[float] = field(default_factory=list)  # when the last answer is in
     # When a tenth of the answers were in (of --count 1000000: at 100,000), to set beside rss_end_mb.
     rss_at_tenth_mb: list[float] = field(default_factory=list)
+    # CPU seconds of each load process: they share the machine's two cores with the nodes.
+    load_cpu_s: list[float] = field(default_factory=list)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -339,7 +341,8 @@ def summarize(system: str, nodes: int, clients: int, outs: list[dict[str, Any]],
                   round(_pct(lat, 0.99), 2), round(lat[-1], 2) if lat else float("nan"), cpu,
                   [round(_status_mb(p, "VmHWM"), 1) for p in pids],
                   round(_dir_bytes(data) / max(1, done) / nodes, 1), durability, rate,
-                  [round(_status_mb(p, "VmRSS"), 1) for p in pids])
+                  [round(_status_mb(p, "VmRSS"), 1) for p in pids],
+                  load_cpu_s=[round(o["cpu_s"], 2) for o in outs])
 
 
 def bench_ours(nodes: int, clients: int, duration: float, count: int | None, accounts: int,

@@ -6,7 +6,7 @@ import ipaddress
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -32,6 +32,8 @@ class ClusterConfig(BaseModel):
     heartbeat_ms: Annotated[int, Field(ge=1, le=60_000, strict=True)] = 50
     election_timeout_ms: tuple[Annotated[int, Field(ge=1, le=600_000, strict=True)],
                                Annotated[int, Field(ge=1, le=600_000, strict=True)]] = (300, 600)
+    # "debug" adds a line per commit on every node, which costs a loaded node several percent.
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("nodes")
     @classmethod

@@ -6,6 +6,7 @@ Every line carries timestamp, level, node, term, role and event, plus the event'
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +32,12 @@ class _Tee:
         raise structlog.DropEvent
 
 
-def setup_node_logging(log_file: Path, node_id: int, context: ContextFn, console: bool = True) -> Any:
+def setup_node_logging(log_file: Path, node_id: int, context: ContextFn, console: bool = True,
+                       level: str = "info") -> Any:
     """Configure structlog for this process and return the node's bound logger.
 
-    ``context`` is called for every line and returns the node's current term and role.
+    ``context`` is called for every line and returns the node's current term and role. Calls
+    below ``level`` return at once, without building the line.
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log_file, "a", encoding="utf-8")
@@ -51,6 +54,7 @@ def setup_node_logging(log_file: Path, node_id: int, context: ContextFn, console
             add_context,
             _Tee(fh, console),
         ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         cache_logger_on_first_use=False,
     )
     return structlog.get_logger().bind(node=node_id)

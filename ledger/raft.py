@@ -9,7 +9,9 @@ Inputs: ``tick()`` (one unit of logical time), ``step(message)``, ``propose(kind
    a leader writes its log in parallel with replicating it (dissertation 10.2.1) and counts its
    own copy towards a commit only once ``persisted`` says so;
 2. send ``messages`` (they may depend on what was just persisted, e.g. a vote or an append ack);
-3. apply ``committed`` entries in order, and answer ``read_states`` once applied.
+3. apply ``committed`` entries in order, and answer ``read_states`` once applied. Committed
+   entries at or below ``stable_index`` are durable here already and may be applied before
+   step 1 (a leader answers its clients without waiting for the fsync of newer entries).
 
 Everything follows Figure 2 of the Raft paper; comments name the sections where it matters.
 """
@@ -150,6 +152,11 @@ class RaftNode:
     @property
     def is_leader(self) -> bool:
         return isinstance(self.role, Leader)
+
+    @property
+    def stable_index(self) -> int:
+        """Our own log is durable up to here (as far as ``persisted`` has been told)."""
+        return self._stable_index
 
     # ---- inputs ------------------------------------------------------------------------------
 

@@ -78,14 +78,15 @@ class Server:
         cfg.require_node(node_id)
         self.id = node_id
         self.node: LedgerNode | None = None
-        self.log = setup_node_logging(cfg.log_file(node_id), node_id, self._log_context, console)
+        self.log = setup_node_logging(cfg.log_file(node_id), node_id, self._log_context, console, cfg.log_level)
         # Bind first: a node that cannot (its address is taken, perhaps by itself already
         # running) leaves no data directory behind.
         self.transport = ZeroMQServer(node_id, cfg.nodes, self.log)
         self.storage = Storage(cfg.node_dir(node_id) / "node.db", cfg.genesis)
         height = self.storage.verify_chain()
         self.node = LedgerNode(node_id, list(cfg.nodes), self.storage, raft_config(cfg),
-                               random.Random(), self.log, send_now=self._send_peers)
+                               random.Random(), self.log, send_now=self._send_peers,
+                               reply_now=self._send_replies)  # type: ignore[arg-type]
         self.tick_s = cfg.tick_ms / 1000
         self.running = False
         raft = self.node.raft

@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,7 +192,8 @@ class Simulation:
         sn.epoch += 1
         sn.ledger = LedgerNode(sn.id, self.ids, sn.storage, self.raft_config,
                                random.Random(self.rng.random()), _Recorder(self, sn.id),
-                               send_now=lambda msgs, i=sn.id: self._send_now(i, msgs))
+                               send_now=lambda msgs, i=sn.id: self._send_now(i, msgs),
+                               reply_now=lambda replies, i=sn.id: self._reply_now(i, replies))
         sn.commit_seen = sn.ledger.raft.commit_index
         self.at(self._tick_period(sn), "tick", (sn.id, sn.epoch))
 
@@ -292,6 +293,14 @@ class Simulation:
             return
         self._send_peers(node_id, msgs)
         if msgs and self.faults and not self.stopping and self.rng.random() < self.hot_crash_p / 4:
+            raise _Killed
+
+    def _reply_now(self, node_id: int, replies: list[tuple[Hashable, ClientReply]]) -> None:
+        """A leader's answers sent before the fsync of its newest entries: a crash right after
+        them leaves clients told "committed" and the leader's disk without what followed."""
+        for client, reply in replies:
+            self.send(f"n{node_id}", str(client), reply)
+        if replies and self.faults and not self.stopping and self.rng.random() < self.hot_crash_p / 4:
             raise _Killed
 
     def _bounce(self, node_id: int) -> None:

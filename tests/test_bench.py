@@ -38,6 +38,7 @@ def test_a_counted_closed_loop_run_answers_every_transfer(tmp_path: Path, capsys
     assert r["throughput"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
     assert len(r["cpu_s"]) == len(r["peak_rss_mb"]) == len(r["rss_end_mb"]) == len(r["rss_at_tenth_mb"]) == 3
     assert r["disk_bytes_per_transfer"] > 0
+    assert len(r["load_cpu_s"]) == 2 and all(c > 0 for c in r["load_cpu_s"])  # two load processes
     assert len(record["machine"]["git_commit"]) == 40
     assert "RSS per node at 300 answered" in capsys.readouterr().out
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from ledger.config import ClusterConfig, ConfigError, load_config, parse_config
+from ledger.logsetup import setup_node_logging
 from ledger.state import MAX_AMOUNT
 
 NODES = """
@@ -265,3 +267,23 @@ def test_config_is_frozen(tmp_path):
     cfg = load_config(write(tmp_path, NODES + GENESIS))
     with pytest.raises(Exception):
         cfg.tick_ms = 1  # type: ignore[misc]
+
+
+def test_log_level(tmp_path):
+    assert load_config(write(tmp_path, NODES + GENESIS)).log_level == "info"
+    assert load_config(write(tmp_path, 'log_level = "debug"\n' + NODES + GENESIS)).log_level == "debug"
+    msg = config_error(tmp_path, 'log_level = "verbose"\n' + NODES + GENESIS)
+    assert ": log_level: " in msg and "'debug', 'info', 'warning' or 'error'" in msg
+
+
+@pytest.mark.parametrize("level, kept", [("debug", ["committed", "block_appended", "peer_unreachable"]),
+                                         ("info", ["block_appended", "peer_unreachable"]),
+                                         ("warning", ["peer_unreachable"])])
+def test_lines_below_the_log_level_are_not_written(tmp_path, level, kept):
+    log = setup_node_logging(tmp_path / "node-0.log", 0, lambda: {"term": 3}, console=False, level=level)
+    log.debug("committed", commit_index=7)
+    log.info("block_appended", height=1)
+    log.warning("peer_unreachable", peer=2)
+    lines = [json.loads(line) for line in (tmp_path / "node-0.log").read_text().splitlines()]
+    assert [d["event"] for d in lines] == kept
+    assert all(d["node"] == 0 and d["term"] == 3 for d in lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -110,3 +111,96 @@ def test_an_overloaded_leader_refuses_the_whole_batch(leader: LedgerNode, monkey
     assert ErrorReply(req_id="r2", error="leader overloaded, retry") in replies
     assert [row[0] for r in replies if isinstance(r, SubmitResults) for row in r.results] == ["a", "b"]
     assert leader.state.balances == {"alice": 98, "bob": 2}
+
+
+# ---- a three-node cluster wired by hand: when a leader proposes and when it answers ----------------
+
+class Trio:
+    """Three LedgerNodes whose peer messages wait in one queue until ``deliver``; node 0 leads.
+    ``order`` records, for the leader, its fsynced transactions and its replies, in order."""
+
+    def __init__(self) -> None:
+        self.queue: list[Any] = []
+        self.order: list[str] = []
+        self.nodes = {i: LedgerNode(i, [0, 1, 2], Storage(":memory:", GENESIS), CONFIG, random.Random(i), Events(),
+                                    send_now=self.queue.extend,
+                                    reply_now=lambda rs: self.order.extend(f"reply {r.req_id}" for _, r in rs))
+                      for i in range(3)}
+        storage = self.nodes[0].storage
+        plain = storage.transaction
+
+        @contextmanager
+        def recorded(durable: bool = True) -> Any:
+            with plain(durable):
+                yield
+            if durable:
+                self.order.append(f"fsync {self.nodes[0].raft.log.last_index}")
+
+        storage.transaction = recorded  # type: ignore[method-assign]
+        for _ in range(20):
+            self.nodes[0].tick(0.0)
+            self.flush()
+            self.deliver()
+            if self.nodes[0].raft.is_leader:
+                break
+        assert self.nodes[0].raft.is_leader
+        self.deliver()  # the new term's no-op, committed everywhere
+        assert self.nodes[0].raft.commit_index == self.nodes[0].raft.log.last_index
+        self.order.clear()
+
+    def flush(self, only: int | None = None) -> list[Any]:
+        replies = []
+        for i, n in self.nodes.items():
+            if only is None or i == only:
+                out = n.flush(1_700_000_000_000)
+                self.queue.extend(out.peers)
+                replies += out.clients
+        return replies
+
+    def deliver(self, rounds: int = 6) -> None:
+        for _ in range(rounds):
+            msgs, self.queue[:] = list(self.queue), []
+            for m in msgs:
+                self.nodes[m.dst].on_raft(m)
+            self.flush()
+
+
+def submit(trio: Trio, req_id: str, tx_id: str) -> None:
+    trio.nodes[0].on_client("c", SubmitBatchRequest(req_id=req_id, transfers=[(tx_id, "alice", "bob", 1)]), 0.0)
+
+
+def test_a_leader_answers_what_committed_before_the_fsync_of_what_it_just_proposed() -> None:
+    trio = Trio()
+    submit(trio, "r1", "t1")
+    trio.flush(only=0)  # proposes t1's entry (index 2) and fsyncs it
+    for i in (1, 2):  # the followers store it and acknowledge
+        for m in [m for m in trio.queue if m.dst == i]:
+            trio.nodes[i].on_raft(m)
+        trio.queue[:] = [m for m in trio.queue if m.dst != i]
+        trio.flush(only=i)
+    for m in trio.queue:
+        trio.nodes[0].on_raft(m)  # the acks: index 2 is committed
+    trio.queue.clear()
+    submit(trio, "r2", "t2")
+    trio.flush(only=0)  # one Ready: entry 2 to apply, entry 3 (t2) to persist
+    assert trio.order == ["fsync 2", "reply r1", "fsync 3"]
+
+
+def test_a_part_filled_batch_waits_while_two_entries_are_uncommitted(monkeypatch: pytest.MonkeyPatch) -> None:
+    trio = Trio()
+    leader = trio.nodes[0]
+    assert ledger.node.MAX_UNCOMMITTED_ENTRIES == 2
+    start = leader.raft.log.last_index
+    for k in (1, 2, 3):  # nothing delivered: no entry commits
+        submit(trio, f"r{k}", f"t{k}")
+        trio.flush(only=0)
+    assert leader.raft.log.last_index == start + 2
+    assert [row[0] for row in leader.pending] == ["t3"]
+    monkeypatch.setattr(ledger.node, "MAX_BATCH", 2)
+    submit(trio, "r4", "t4")  # now a full batch: it goes whatever waits for commit
+    trio.flush(only=0)
+    assert leader.raft.log.last_index == start + 3 and not leader.pending
+    trio.deliver()
+    assert leader.raft.commit_index == start + 3
+    assert leader.state.balances == {"alice": 96, "bob": 4}
+    assert sorted(o for o in trio.order if o.startswith("reply")) == ["reply r1", "reply r2", "reply r3", "reply r4"]
