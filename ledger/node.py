@@ -46,11 +46,6 @@ from ledger.state import Applied, LedgerState, TxResult, encode_batch
 from ledger.storage import Storage
 
 MAX_BATCH = 2000  # transfers per log entry (one block)
-# A part-filled batch is proposed only while fewer entries than this wait for commit; until
-# then transfers gather into the next one. Proposing at every turn made entries of a few
-# transfers under steady load, each costing every node a block, a log line and a share of a
-# fsync (open loop at 5-30k tx/s: 8-19% more bytes on disk per transfer, p50 no better).
-MAX_UNCOMMITTED_ENTRIES = 2
 MAX_PENDING = 50_000  # transfers waiting to be proposed; beyond this, clients are told to retry
 CLIENT_WAIT_S = 10.0  # how long an answer is owed to a client before the request is dropped
 EXPIRY_SCAN_S = 0.5  # how often requests past that are looked for
@@ -128,9 +123,7 @@ class LedgerNode:
     def flush(self, wall_ms: int) -> Outbox:
         """Propose pending transfers (stamped ``wall_ms``), handle the Ready, return what to send."""
         if self.pending and self.raft.is_leader:
-            raft = self.raft
-            while len(self.pending) >= MAX_BATCH or (
-                    self.pending and raft.log.last_index - raft.commit_index < MAX_UNCOMMITTED_ENTRIES):
+            while self.pending:
                 batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
                 self.raft.propose(EntryKind.TXS, encode_batch(wall_ms, batch))
         rd = self.raft.ready()

@@ -184,23 +184,3 @@ def test_a_leader_answers_what_committed_before_the_fsync_of_what_it_just_propos
     submit(trio, "r2", "t2")
     trio.flush(only=0)  # one Ready: entry 2 to apply, entry 3 (t2) to persist
     assert trio.order == ["fsync 2", "reply r1", "fsync 3"]
-
-
-def test_a_part_filled_batch_waits_while_two_entries_are_uncommitted(monkeypatch: pytest.MonkeyPatch) -> None:
-    trio = Trio()
-    leader = trio.nodes[0]
-    assert ledger.node.MAX_UNCOMMITTED_ENTRIES == 2
-    start = leader.raft.log.last_index
-    for k in (1, 2, 3):  # nothing delivered: no entry commits
-        submit(trio, f"r{k}", f"t{k}")
-        trio.flush(only=0)
-    assert leader.raft.log.last_index == start + 2
-    assert [row[0] for row in leader.pending] == ["t3"]
-    monkeypatch.setattr(ledger.node, "MAX_BATCH", 2)
-    submit(trio, "r4", "t4")  # now a full batch: it goes whatever waits for commit
-    trio.flush(only=0)
-    assert leader.raft.log.last_index == start + 3 and not leader.pending
-    trio.deliver()
-    assert leader.raft.commit_index == start + 3
-    assert leader.state.balances == {"alice": 96, "bob": 4}
-    assert sorted(o for o in trio.order if o.startswith("reply")) == ["reply r1", "reply r2", "reply r3", "reply r4"]
