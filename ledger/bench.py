@@ -45,6 +45,9 @@ MAX_ISSUE_PER_TURN = 20_000  # transfers a load worker issues in one turn of its
 # Client counts of --sweep: up to where PySyncObj stops gaining (about 16k here).
 SWEEP_CLIENTS = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
+# What run_workers gives every load process (--worker); the rest is optional.
+WORKER_KEYS = {"endpoints", "clients", "duration", "accounts", "seed", "prefix", "start_at"}
+
 # ---- load worker (a separate process) -----------------------------------------------------------
 
 
@@ -551,7 +554,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         gc.set_threshold(50_000, 20, 100)  # as the node does: its garbage is freed by refcount
         try:
-            print(json.dumps(worker(json.loads(args.worker))))
+            spec = json.loads(args.worker)
+            if not isinstance(spec, dict) or not WORKER_KEYS <= spec.keys():
+                raise ValueError
+        except ValueError:
+            p.error(f"--worker is internal: a JSON object with {', '.join(sorted(WORKER_KEYS))}")
+        try:
+            print(json.dumps(worker(spec)))
         except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the main process reports it
             return 130
         return 0
@@ -594,6 +603,8 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
     for option, path in (("--json", args.json), ("--sweep", args.sweep)):
         if path is not None and not Path(path).resolve().parent.is_dir():
             return f"{option} {path}: directory {Path(path).resolve().parent} does not exist"
+        if path is not None and Path(path).is_dir():
+            return f"{option} {path} is a directory; give a file name"
     return None
 
 

@@ -9,6 +9,7 @@ Exit codes: 0 ok, 1 rejected or verification failed, 2 usage or config error,
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -350,7 +351,13 @@ def _checked(reply: SubmitReply, t: Transfer) -> SubmitReply:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, json_errors: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.json_errors = json_errors
+
     def error(self, message: str) -> NoReturn:
+        if self.json_errors:  # --json promises one document, also when the arguments are wrong
+            _print({"error": f"error: {message}", "exit_code": EXIT_USAGE})
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
@@ -385,7 +392,7 @@ def _height(value: str) -> int:
     return int(value)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="TOML cluster config (default: server_config.py)")
@@ -393,8 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print JSON (one document; chain: one block per line)")
     common.add_argument("--timeout", type=float, metavar="S", default=argparse.SUPPRESS,
                         help="give up after S seconds (default 15)")
-    p = _Parser(prog="ledger", description="Client of a raftledger cluster.", parents=[common])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = _Parser(prog="ledger", description="Client of a raftledger cluster.", parents=[common],
+                json_errors=json_errors)
+    sub = p.add_subparsers(dest="command", required=True,
+                           parser_class=functools.partial(_Parser, json_errors=json_errors))
     s = sub.add_parser("submit", parents=[common], help="transfer AMOUNT from SENDER to RECIPIENT")
     s.add_argument("sender", type=_name("sender"))
     s.add_argument("recipient", type=_name("recipient"))
@@ -468,9 +477,6 @@ def run(args: argparse.Namespace, client: LedgerClient) -> int:
             if not up:
                 raise ClusterUnavailable("cluster unavailable: no node answered")
             node = next((n for n in up if st[n].role == "leader"), up[0])  # type: ignore[union-attr]
-        elif node not in client.cfg.nodes:
-            print(f"ledger: error: node {node} is not in the config", file=sys.stderr)
-            return EXIT_USAGE
         for block in client.chain(node, args.start, args.end):
             if as_json:
                 _print(block.to_doc())
@@ -504,7 +510,8 @@ def run(args: argparse.Namespace, client: LedgerClient) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(json_errors="--json" in words).parse_args(words)
     as_json = getattr(args, "json", False)
 
     def fail(code: int, message: str) -> int:
@@ -523,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(getattr(args, "config", None))
     except ConfigError as exc:
         return fail(EXIT_USAGE, f"error: {exc}")
+    if args.command == "chain" and args.node is not None and args.node not in cfg.nodes:
+        return fail(EXIT_USAGE, f"error: node {args.node} is not in the config")
     with LedgerClient(cfg, deadline=timeout) as client:
         try:
             return run(args, client)

@@ -268,7 +268,12 @@ _FLAT = {SubmitReply, SubmitResults, BalanceReply, StatusReply, RedirectReply, E
 
 
 class DecodeError(ValueError):
-    """A frame that is not a valid message; the text is a one-line reason."""
+    """A frame that is not a valid message; the text is a one-line reason. ``req_id`` is the
+    frame's own, when it had a usable one, so the error can be matched to the request."""
+
+    def __init__(self, reason: str, req_id: str = "") -> None:
+        super().__init__(reason)
+        self.req_id = req_id
 
 
 def one_line(text: str) -> str:
@@ -339,12 +344,14 @@ def decode(frame: bytes, max_items: int = MAX_REQUEST_ITEMS) -> Message:
         raise DecodeError(f"not a msgpack frame: {type(exc).__name__}") from None
     if not isinstance(raw, dict):
         raise DecodeError(f"frame is a {type(raw).__name__}, not a map")
+    req_id = raw.get("req_id")
+    req_id = req_id if type(req_id) is str and len(req_id) <= 64 else ""
     v = raw.get("v")
     if type(v) is not int or v != PROTOCOL_VERSION:  # True == 1 == 1.0: check the type as well
-        raise DecodeError(f"unsupported protocol version {v!r}")
+        raise DecodeError(f"unsupported protocol version {v!r}", req_id)
     try:
         return _adapter.validate_python(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "message"
-        raise DecodeError(one_line(f"invalid message: {where}: {first['msg']}")) from None
+        raise DecodeError(one_line(f"invalid message: {where}: {first['msg']}"), req_id) from None

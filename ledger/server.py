@@ -36,6 +36,7 @@ from ledger.raft import RaftConfig
 from ledger.storage import Storage
 from ledger.transport import ZeroMQServer, peer_identity
 
+BAD_LINES_PER_S = 20  # bad_message_dropped lines a second at most (see Server._warn_bad)
 MAX_TICKS_PER_TURN = 5  # after a stall, catch up a few ticks, not a burst that fires elections
 # How often freed heap memory goes back to the OS (see _heap_trimmer).
 TRIM_INTERVAL_S = 5.0
@@ -89,6 +90,7 @@ class Server:
                                reply_now=self._send_replies)  # type: ignore[arg-type]
         self.tick_s = cfg.tick_ms / 1000
         self.running = False
+        self._bad_window_start, self._bad_lines, self._bad_left_out = 0.0, 0, 0
         raft = self.node.raft
         self.log.info("started", endpoint=cfg.nodes[node_id], chain_height=height,
                       log_length=raft.log.last_index, applied=raft.applied)
@@ -170,12 +172,11 @@ class Server:
         try:
             msg = decode(frames[1])
         except DecodeError as exc:
-            self._bad(identity, str(exc))
+            self._bad(identity, str(exc), exc.req_id)
             return
         if isinstance(msg, RaftMessage):
             if identity != peer_identity(msg.src):
-                self.log.warning("bad_message_dropped", reason="raft message from a non-member socket",
-                                 claimed_src=msg.src)
+                self._warn_bad(reason="raft message from a non-member socket", claimed_src=msg.src)
                 return
             self.node.on_raft(msg)
         elif isinstance(msg, ClientRequest):
@@ -190,7 +191,21 @@ class Server:
         else:
             self._bad(identity, f"unexpected message type {msg.type}")
 
-    def _bad(self, identity: bytes, reason: str) -> None:
-        self.log.warning("bad_message_dropped", reason=reason)
+    def _bad(self, identity: bytes, reason: str, req_id: str = "") -> None:
+        self._warn_bad(reason=reason)
         if not identity.startswith(b"node:"):
-            self.transport.reply(identity, encode(ErrorReply(req_id="", error=reason)))
+            self.transport.reply(identity, encode(ErrorReply(req_id=req_id, error=reason)))
+
+    def _warn_bad(self, **fields: Any) -> None:
+        """A ``bad_message_dropped`` line, at most BAD_LINES_PER_S a second: whoever reaches the
+        port must not fill the disk with them. The next line says how many were left out."""
+        now = time.monotonic()
+        if now - self._bad_window_start >= 1.0:
+            self._bad_window_start, self._bad_lines = now, 0
+        if self._bad_lines >= BAD_LINES_PER_S:
+            self._bad_left_out += 1
+            return
+        self._bad_lines += 1
+        if self._bad_left_out:
+            fields["left_out"], self._bad_left_out = self._bad_left_out, 0
+        self.log.warning("bad_message_dropped", **fields)

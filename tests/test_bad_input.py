@@ -13,6 +13,7 @@ import pytest
 import zmq
 from polling import wait_until
 
+from ledger import server
 from ledger.client import LedgerClient
 from ledger.cluster import RUN_NODE, LocalCluster
 from ledger.messages import (
@@ -148,6 +149,47 @@ def test_raft_message_from_a_non_member_socket_is_dropped(cluster: LocalCluster,
     assert st[0] is not None and st[0].term < 10_000
     assert any(e["event"] == "bad_message_dropped" and "non-member" in e["reason"]
                for e in log_events(cluster, 0))
+
+
+def test_an_error_reply_carries_the_request_id_of_the_bad_request(cluster: LocalCluster) -> None:
+    frame = msgpack.packb({"v": 1, "type": "submit", "req_id": "r-7",
+                           "transfer": {"tx_id": "a", "sender": "alice", "recipient": "bob", "amount": "2"}})
+    reply = raw_exchange(cluster.cfg.nodes[0], [frame])
+    assert reply is not None
+    err = decode(reply)
+    assert isinstance(err, ErrorReply) and err.req_id == "r-7" and "amount" in err.error
+
+
+def test_a_flood_of_junk_is_logged_at_a_bounded_rate(cluster: LocalCluster, client: LedgerClient) -> None:
+    """Node 2 only: the other tests look for their own lines in nodes 0 and 1's logs."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVHWM, 0)
+    before = len(log_events(cluster, 2))
+    try:
+        s.connect(cluster.cfg.nodes[2])
+        for k in range(500):
+            s.send(b"\xc1junk %d" % k)
+        answers = 0
+        while answers < 500 and s.poll(5000):  # every junk frame is still answered
+            s.recv()
+            answers += 1
+        assert answers == 500
+        flood = [e for e in log_events(cluster, 2)[before:] if e["event"] == "bad_message_dropped"]
+        assert 1 <= len(flood) <= 2 * server.BAD_LINES_PER_S  # the flood may straddle two windows
+        # Once a new second has begun, the next junk line says how many were left out.
+        def left_out() -> int:
+            s.send(b"\xc1late")
+            s.poll(1000) and s.recv()
+            return sum(e.get("left_out", 0) for e in log_events(cluster, 2)[before:])
+        wait_until(lambda: left_out() > 0, 10, "a line counting the left-out ones")
+        lines = [e for e in log_events(cluster, 2)[before:] if e["event"] == "bad_message_dropped"]
+        assert len(lines) + sum(e.get("left_out", 0) for e in lines) >= 500
+    finally:
+        s.close(0)
+        ctx.term()
+    assert client.status()[2] is not None
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,8 @@ from ledger import bench
     ["--rate", "nan"], ["--rate", "0"], ["--rate", "1e308"], ["--duration", "inf"], ["--clients", "0"],
     ["--count", "-3"], ["--accounts", "1"], ["--sweep", "x.png", "--rate", "100"], ["--rate", "100", "--clients", "4"],
     ["--count", "10", "--duration", "1"], ["--rounds", "0"], ["--failover", "-1"], ["--catchup", "-5"],
-    ["--json", "/nonexistent/dir/x.json"],
+    ["--json", "/nonexistent/dir/x.json"], ["--json", "/tmp"], ["--worker", "garbage"], ["--worker", "{}"],
+    ["--worker", "[1, 2]"],
 ])
 def test_bad_arguments_exit_2_with_a_reason(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:

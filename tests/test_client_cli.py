@@ -115,6 +115,19 @@ def test_node_not_in_config(capsys, tmp_path):
     assert one_line_error(capsys) == "ledger: error: node 7 is not in the config"
 
 
+@pytest.mark.parametrize("argv,reason", [
+    (["chain", "--node", "7"], "error: node 7 is not in the config"),
+    (["submit", "alice", "bob", "1.5"], "error: argument amount: amount must be a whole number, not '1.5'"),
+    (["bogus"], "error: argument command: invalid choice: 'bogus'"),
+])
+def test_json_usage_errors_print_the_error_document_too(capsys, tmp_path, argv, reason):
+    assert run(["--config", str(dead_cluster(tmp_path)), "--json", *argv]) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert doc["exit_code"] == EXIT_USAGE and doc["error"].startswith(reason)
+    assert len(err.splitlines()) == 1 and reason in err
+
+
 # ---- cluster unavailable --------------------------------------------------------------------------------
 
 
