@@ -357,7 +357,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if self.json_errors:  # --json promises one document, also when the arguments are wrong
-            _print({"error": f"error: {message}", "exit_code": EXIT_USAGE})
+            _print_error(EXIT_USAGE, f"error: {message}")
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
@@ -418,6 +418,11 @@ def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     c.add_argument("--to", dest="end", type=_height, default=None, metavar="H")
     sub.add_parser("verify", parents=[common], help="verify every reachable node's chain")
     return p
+
+
+def _print_error(code: int, message: str) -> None:
+    """The one JSON document a failed command prints with --json."""
+    _print({"error": message, "exit_code": code})
 
 
 def _print(doc: Any) -> None:
@@ -517,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     def fail(code: int, message: str) -> int:
         """A one-line reason on stderr; with --json, the one JSON document on stdout says it too."""
         if as_json:
-            _print({"error": message, "exit_code": code})
+            _print_error(code, message)
         print(f"ledger: {message}", file=sys.stderr)
         return code
 

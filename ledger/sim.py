@@ -262,8 +262,7 @@ class Simulation:
             self._bounce(sn.id)  # crash after the fsync, before anything was sent
             return
         self._send_peers(sn.id, out.peers)
-        for client, reply in out.clients:
-            self.send(f"n{sn.id}", str(client), reply)
+        self._send_clients(sn.id, out.clients)
         if any(isinstance(r, (SubmitReply, SubmitResults)) for _, r in out.clients):
             # A leader that dies right after telling clients "committed" leaves followers that do
             # not know it yet: the next leader's commitIndex lags what clients saw (raft-cases C08).
@@ -298,10 +297,13 @@ class Simulation:
     def _reply_now(self, node_id: int, replies: list[tuple[Hashable, ClientReply]]) -> None:
         """A leader's answers sent before the fsync of its newest entries: a crash right after
         them leaves clients told "committed" and the leader's disk without what followed."""
-        for client, reply in replies:
-            self.send(f"n{node_id}", str(client), reply)
+        self._send_clients(node_id, replies)
         if replies and self.faults and not self.stopping and self.rng.random() < self.hot_crash_p / 4:
             raise _Killed
+
+    def _send_clients(self, node_id: int, replies: list[tuple[Hashable, ClientReply]]) -> None:
+        for client, reply in replies:
+            self.send(f"n{node_id}", str(client), reply)
 
     def _bounce(self, node_id: int) -> None:
         """Crash, and mostly come back soon, as a supervised process would."""
