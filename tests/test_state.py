@@ -70,6 +70,21 @@ def test_malformed_rows_decode_to_none():
     assert rows == [T("ok", "alice", "bob", 1), None, None, None, None, None, None, None]
 
 
+def test_account_names_seen_before_are_not_checked_again_yet_bad_names_stay_bad(monkeypatch):
+    import ledger.state as state
+    monkeypatch.setattr(state, "_GOOD_NAMES", set())
+    good = ["g1", "alice", "bob", 1]
+    bad = [["b1", "alice", "bob!", 1], ["b2", "bob!", "alice", 1], ["b3", ["alice"], "bob", 1],
+           ["b4", "alice", {"x": 1}, 1]]
+    for _ in range(2):  # the second time "alice" and "bob" come from the cache; the bad ones do not
+        ts, rows = decode_batch(msgpack.packb([1, [good, *bad]]))
+        assert rows == [T("g1", "alice", "bob", 1), None, None, None, None]
+    assert state._GOOD_NAMES == {"alice", "bob"}
+    monkeypatch.setattr(state, "_GOOD_NAMES_MAX", 1)
+    decode_batch(msgpack.packb([1, [["g2", "carol", "dave", 1]]]))
+    assert state._GOOD_NAMES == {"carol", "dave"}  # past the bound it started again
+
+
 # ---- the rules ---------------------------------------------------------------------------------------
 
 
