@@ -72,7 +72,8 @@ class LedgerNode:
     def __init__(self, node_id: int, members: list[int], storage: Storage, raft_config: RaftConfig,
                  rng: random.Random, log: Any,
                  send_now: Callable[[list[RaftMessage]], None] | None = None,
-                 reply_now: Callable[[list[tuple[ClientId, ClientReply]]], None] | None = None) -> None:
+                 reply_now: Callable[[list[tuple[ClientId, ClientReply]]], None] | None = None,
+                 batch_interval_ms: int = 0) -> None:
         self.id = node_id
         # Sends peer messages in the middle of flush(): a leader's appends before its own fsync,
         # acknowledgements right after it, before the entries are applied. Without it they wait
@@ -81,6 +82,12 @@ class LedgerNode:
         # Sends client replies in the middle of flush(): a leader's answers before the fsync of
         # the entries it proposed in the same turn. Without it they wait in the Outbox.
         self.reply_now = reply_now
+        # A leader proposes at most one batch (log entry, block) per interval, unless a full
+        # batch is waiting: every entry costs every node the same fixed work (a durable commit, a
+        # block, messages), whatever it holds, so proposing at every turn spent the machine on
+        # entries of a few transfers each (see ClusterConfig.batch_interval_ms).
+        self.batch_interval_ms = batch_interval_ms
+        self._last_proposal_ms: int | None = None
         self.storage = storage
         self.log = log
         rec = storage.load()
@@ -120,9 +127,24 @@ class LedgerNode:
         else:
             self._reply(client, ErrorReply(req_id=req.req_id, error=f"unexpected request {req!r}"))
 
+    def proposal_due_ms(self) -> int | None:
+        """The wall time (ms) at which waiting transfers are due to be proposed, if some wait for
+        the batch interval: the driver's next ``flush()`` should not come much later."""
+        if not self.pending or not self.raft.is_leader or self._last_proposal_ms is None:
+            return None
+        return self._last_proposal_ms + self.batch_interval_ms
+
+    def _batch_due(self, wall_ms: int) -> bool:
+        last = self._last_proposal_ms
+        # A wall clock that stepped back counts as the interval having passed: never wait on it.
+        return (last is None or len(self.pending) >= MAX_BATCH
+                or not 0 <= wall_ms - last < self.batch_interval_ms)
+
     def flush(self, wall_ms: int) -> Outbox:
-        """Propose pending transfers (stamped ``wall_ms``), handle the Ready, return what to send."""
-        if self.pending and self.raft.is_leader:
+        """Propose pending transfers (stamped ``wall_ms``) if they are due, handle the Ready,
+        return what to send."""
+        if self.pending and self.raft.is_leader and self._batch_due(wall_ms):
+            self._last_proposal_ms = wall_ms
             while self.pending:
                 batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
                 self.raft.propose(EntryKind.TXS, encode_batch(wall_ms, batch))

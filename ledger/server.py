@@ -87,7 +87,8 @@ class Server:
         height = self.storage.verify_chain()
         self.node = LedgerNode(node_id, list(cfg.nodes), self.storage, raft_config(cfg),
                                random.Random(), self.log, send_now=self._send_peers,
-                               reply_now=self._send_replies)  # type: ignore[arg-type]
+                               reply_now=self._send_replies,  # type: ignore[arg-type]
+                               batch_interval_ms=cfg.batch_interval_ms)
         self.tick_s = cfg.tick_ms / 1000
         self.running = False
         self._bad_window_start, self._bad_lines, self._bad_left_out = 0.0, 0, 0
@@ -115,6 +116,9 @@ class Server:
             while self.running:
                 # Rounded up: rounded down, the last millisecond before a tick was a busy loop.
                 timeout_ms = max(0, math.ceil((next_tick - time.monotonic()) * 1000))
+                due = self.node.proposal_due_ms()  # transfers waiting for the batch interval
+                if due is not None:
+                    timeout_ms = min(timeout_ms, max(0, due - int(time.time() * 1000)))
                 for frames in self.transport.recv(timeout_ms):
                     self._on_frames(frames)
                 now = time.monotonic()

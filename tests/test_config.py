@@ -287,3 +287,11 @@ def test_lines_below_the_log_level_are_not_written(tmp_path, level, kept):
     lines = [json.loads(line) for line in (tmp_path / "node-0.log").read_text().splitlines()]
     assert [d["event"] for d in lines] == kept
     assert all(d["node"] == 0 and d["term"] == 3 for d in lines)
+
+
+def test_batch_interval_ms(tmp_path):
+    assert load_config(write(tmp_path, NODES + GENESIS)).batch_interval_ms == 5
+    assert load_config(write(tmp_path, "batch_interval_ms = 0\n" + NODES + GENESIS)).batch_interval_ms == 0
+    for value in ("-1", "101", "2.5", '"5"'):
+        msg = config_error(tmp_path, f"batch_interval_ms = {value}\n" + NODES + GENESIS)
+        assert ": batch_interval_ms: " in msg, msg

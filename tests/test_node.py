@@ -113,6 +113,46 @@ def test_an_overloaded_leader_refuses_the_whole_batch(leader: LedgerNode, monkey
     assert leader.state.balances == {"alice": 98, "bob": 2}
 
 
+def test_a_leader_proposes_at_most_one_batch_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    n = LedgerNode(0, [0], Storage(":memory:", {"alice": 1000, "bob": 0}), CONFIG, random.Random(1), Events(),
+                   batch_interval_ms=5)
+    while not n.raft.is_leader:
+        n.tick(0.0)
+        n.flush(0)
+    t0 = 1_700_000_000_000
+
+    def submit(tx_id: str) -> None:
+        n.on_client("c", SubmitBatchRequest(req_id=tx_id, transfers=[(tx_id, "alice", "bob", 1)]), 0.0)
+
+    def entries() -> int:
+        return n.raft.log.last_index
+
+    start = entries()
+    submit("a")
+    assert n.proposal_due_ms() is None  # nothing proposed for a while: it goes at once
+    n.flush(t0)
+    assert entries() == start + 1 and not n.pending
+    submit("b")
+    submit("c")
+    assert n.proposal_due_ms() == t0 + 5
+    n.flush(t0 + 4)
+    assert entries() == start + 1 and len(n.pending) == 2  # they wait for the interval
+    n.flush(t0 + 5)
+    assert entries() == start + 2 and not n.pending  # both in one entry
+    submit("d")
+    n.flush(t0 + 1)  # the wall clock stepped back: never wait on it
+    assert entries() == start + 3
+    monkeypatch.setattr(ledger.node, "MAX_BATCH", 2)
+    submit("e")
+    n.flush(t0 + 2)
+    assert entries() == start + 3
+    submit("f")  # a full batch goes at once
+    n.flush(t0 + 2)
+    assert entries() == start + 4 and n.proposal_due_ms() is None
+    settle(n, t0 + 100)
+    assert n.state.balances == {"alice": 994, "bob": 6}
+
+
 # ---- a three-node cluster wired by hand: when a leader proposes and when it answers ----------------
 
 class Trio:
