@@ -119,6 +119,7 @@ def test_a_leader_proposes_at_most_one_batch_per_interval(monkeypatch: pytest.Mo
     while not n.raft.is_leader:
         n.tick(0.0)
         n.flush(0)
+    monkeypatch.setattr(ledger.node, "LINGER_MIN_BATCH", 1)  # these batches of one count as load
     t0 = 1_700_000_000_000
 
     def submit(tx_id: str) -> None:
@@ -151,6 +152,26 @@ def test_a_leader_proposes_at_most_one_batch_per_interval(monkeypatch: pytest.Mo
     assert entries() == start + 4 and n.proposal_due_ms() is None
     settle(n, t0 + 100)
     assert n.state.balances == {"alice": 994, "bob": 6}
+
+
+def test_batches_smaller_than_the_linger_minimum_go_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    n = LedgerNode(0, [0], Storage(":memory:", {"alice": 1000, "bob": 0}), CONFIG, random.Random(1), Events(),
+                   batch_interval_ms=5)
+    while not n.raft.is_leader:
+        n.tick(0.0)
+        n.flush(0)
+    monkeypatch.setattr(ledger.node, "LINGER_MIN_BATCH", 3)
+    t0, start = 1_700_000_000_000, n.raft.log.last_index
+    for k, size in enumerate([2, 2, 3, 1, 1]):  # a client or two, each waiting for its answer
+        rows = [(f"t{k}-{j}", "alice", "bob", 1) for j in range(size)]
+        n.on_client("c", SubmitBatchRequest(req_id=f"r{k}", transfers=rows), 0.0)
+        n.flush(t0)
+    # The batches of 2 went at once; the batch of 3 made the next one wait, which then went
+    # with the one after it as soon as the interval had passed.
+    assert n.raft.log.last_index == start + 3 and len(n.pending) == 2
+    assert n.proposal_due_ms() == t0 + 5
+    n.flush(t0 + 5)
+    assert n.raft.log.last_index == start + 4 and not n.pending
 
 
 # ---- a three-node cluster wired by hand: when a leader proposes and when it answers ----------------
