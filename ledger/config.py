@@ -32,10 +32,10 @@ class ClusterConfig(BaseModel):
     heartbeat_ms: Annotated[int, Field(ge=1, le=60_000, strict=True)] = 50
     election_timeout_ms: tuple[Annotated[int, Field(ge=1, le=600_000, strict=True)],
                                Annotated[int, Field(ge=1, le=600_000, strict=True)]] = (300, 600)
-    # A leader proposes at most one batch of transfers (one log entry, one block) per interval,
-    # unless a full batch is waiting; a transfer waits for the next batch at most this long.
-    # Each entry costs every node about the same whatever it holds: 0 proposes at every turn
-    # of the loop, entries of a few transfers each that can take most of the CPU.
+    # Under load (node.LINGER_MIN_BATCH) a leader proposes at most one batch of transfers (one
+    # log entry, one block) per interval, unless a full batch is waiting; a transfer waits for
+    # the next batch at most this long. Each entry costs every node about the same whatever it
+    # holds: 0 proposes at every turn of the loop, small entries that can take most of the CPU.
     batch_interval_ms: Annotated[int, Field(ge=0, le=100, strict=True)] = 5
     # "debug" adds a line per commit on every node, which costs a loaded node several percent.
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -87,10 +87,10 @@ class LedgerNode:
         # Sends client replies in the middle of flush(): a leader's answers before the fsync of
         # the entries it proposed in the same turn. Without it they wait in the Outbox.
         self.reply_now = reply_now
-        # A leader proposes at most one batch (log entry, block) per interval, unless a full
-        # batch is waiting: every entry costs every node the same fixed work (a durable commit, a
-        # block, messages), whatever it holds, so proposing at every turn spent the machine on
-        # entries of a few transfers each (see ClusterConfig.batch_interval_ms).
+        # Under load a leader proposes at most one batch (log entry, block) per interval, unless
+        # a full batch is waiting: every entry costs every node the same fixed work (a durable
+        # commit, a block, messages) whatever it holds, so proposing at every turn spent the
+        # machine on entries of a few dozen transfers (see LINGER_MIN_BATCH).
         self.batch_interval_ms = batch_interval_ms
         self._last_proposal_ms: int | None = None
         self._last_batch = 0  # transfers in the last proposal
