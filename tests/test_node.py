@@ -113,12 +113,18 @@ def test_an_overloaded_leader_refuses_the_whole_batch(leader: LedgerNode, monkey
     assert leader.state.balances == {"alice": 98, "bob": 2}
 
 
-def test_a_leader_proposes_at_most_one_batch_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+def batching_leader() -> LedgerNode:
+    """A one-node leader with a 5 ms batch interval."""
     n = LedgerNode(0, [0], Storage(":memory:", {"alice": 1000, "bob": 0}), CONFIG, random.Random(1), Events(),
                    batch_interval_ms=5)
     while not n.raft.is_leader:
         n.tick(0.0)
         n.flush(0)
+    return n
+
+
+def test_a_leader_proposes_at_most_one_batch_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    n = batching_leader()
     monkeypatch.setattr(ledger.node, "LINGER_MIN_BATCH", 1)  # these batches of one count as load
     t0 = 1_700_000_000_000
 
@@ -155,11 +161,7 @@ def test_a_leader_proposes_at_most_one_batch_per_interval(monkeypatch: pytest.Mo
 
 
 def test_batches_smaller_than_the_linger_minimum_go_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    n = LedgerNode(0, [0], Storage(":memory:", {"alice": 1000, "bob": 0}), CONFIG, random.Random(1), Events(),
-                   batch_interval_ms=5)
-    while not n.raft.is_leader:
-        n.tick(0.0)
-        n.flush(0)
+    n = batching_leader()
     monkeypatch.setattr(ledger.node, "LINGER_MIN_BATCH", 3)
     t0, start = 1_700_000_000_000, n.raft.log.last_index
     for k, size in enumerate([2, 2, 3, 1, 1]):  # a client or two, each waiting for its answer
