@@ -61,6 +61,17 @@ class ClusterConfig(BaseModel):
             seen.add(endpoint)
         return nodes
 
+    @field_validator("genesis")
+    @classmethod
+    def _check_genesis(cls, genesis: dict[str, int]) -> dict[str, int]:
+        # In TOML a key written below the [genesis] header belongs to it: an optional key put at
+        # the end of the file would silently become an account and the setting stay the default.
+        for name in genesis:
+            if name in cls.model_fields:
+                raise ValueError(f"account {name!r} has the name of a top-level setting; settings go at the "
+                                 f"top of the file, before [nodes] and [genesis]")
+        return genesis
+
     @model_validator(mode="after")
     def _check_timing(self) -> "ClusterConfig":
         lo, hi = self.election_timeout_ms

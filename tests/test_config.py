@@ -295,3 +295,9 @@ def test_batch_interval_ms(tmp_path):
     for value in ("-1", "101", "2.5", '"5"'):
         msg = config_error(tmp_path, f"batch_interval_ms = {value}\n" + NODES + GENESIS)
         assert ": batch_interval_ms: " in msg, msg
+
+
+def test_a_setting_written_below_genesis_is_refused_not_made_an_account(tmp_path):
+    msg = config_error(tmp_path, NODES + GENESIS + "batch_interval_ms = 20\n")
+    assert "genesis: " in msg and "'batch_interval_ms' has the name of a top-level setting" in msg, msg
+    assert "before [nodes] and [genesis]" in msg
