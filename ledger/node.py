@@ -136,18 +136,22 @@ class LedgerNode:
     def proposal_due_ms(self) -> int | None:
         """The wall time (ms) at which waiting transfers are due to be proposed, if some wait for
         the batch interval: the driver's next ``flush()`` should not come much later."""
-        if not self.pending or not self.raft.is_leader or self._batch_due(None):
+        if not self.pending or not self.raft.is_leader or not self._lingering():
             return None
         assert self._last_proposal_ms is not None
         return self._last_proposal_ms + self.batch_interval_ms
 
-    def _batch_due(self, wall_ms: int | None) -> bool:
-        """Whether the pending transfers go now (``None``: whatever the time)."""
-        last = self._last_proposal_ms
-        if last is None or len(self.pending) >= MAX_BATCH or self._last_batch < LINGER_MIN_BATCH:
+    def _lingering(self) -> bool:
+        """Whether pending transfers wait for the batch interval (under load, no full batch)."""
+        return (self._last_proposal_ms is not None and self.batch_interval_ms > 0
+                and self._last_batch >= LINGER_MIN_BATCH and len(self.pending) < MAX_BATCH)
+
+    def _batch_due(self, wall_ms: int) -> bool:
+        if not self._lingering():
             return True
+        assert self._last_proposal_ms is not None
         # A wall clock that stepped back counts as the interval having passed: never wait on it.
-        return wall_ms is not None and not 0 <= wall_ms - last < self.batch_interval_ms
+        return not 0 <= wall_ms - self._last_proposal_ms < self.batch_interval_ms
 
     def flush(self, wall_ms: int) -> Outbox:
         """Propose pending transfers (stamped ``wall_ms``) if they are due, handle the Ready,
