@@ -7,11 +7,11 @@ the same inserts into sequential writes, so the index lives in RocksDB (``rocksd
 the node's SQLite database.
 
 The index is derived from the chain, which stays the truth: the ids of the block at height h are
-recorded with h. It is written without fsync (kill -9 loses nothing of it, as its write-ahead log
-is in the OS's cache); whatever a power loss takes, the node records again from the chain when
-it starts (``Storage`` catches the index up from ``height``). An id recorded above the chain's
-head (a block whose applied state the power loss took) does not count: the block is applied
-again, with the same ids at the same height.
+recorded with h. It is written a few thousand ids at a time, without fsync: whatever a crash
+takes (the ids recorded since the last write at kill -9, more at a power loss), the node records
+again from the chain when it starts (``Storage`` catches the index up from ``height``). An id
+recorded above the chain's head (a block whose applied state the power loss took) does not
+count: the block is applied again, with the same ids at the same height.
 """
 
 from __future__ import annotations
@@ -132,24 +132,50 @@ class RocksTxIndex:
                     self.filters.add(keys)
                     keys = []
         self.filters.add(keys)
+        # Recorded ids not yet written, id -> height (8 bytes, big-endian).
+        self._unwritten: dict[str, bytes] = {}
+        # Drawn per node, as the memtable size is: nodes record the same ids at the same moments.
+        self._write_every = random.randrange(3000, 5000)
 
     def heights(self, tx_ids: Sequence[str]) -> dict[str, int]:
         maybe = self.filters.maybe(tx_ids)
         if not maybe:
             return {}
-        found = self.db.get([t.encode() for t in maybe])
-        return {t: int.from_bytes(h, "big") for t, h in zip(maybe, found) if h is not None}
+        unwritten = self._unwritten
+        out = {t: int.from_bytes(unwritten[t], "big") for t in maybe if t in unwritten}
+        ask = [t for t in maybe if t not in out]
+        if ask:
+            found = self.db.get([t.encode() for t in ask])
+            out.update((t, int.from_bytes(h, "big")) for t, h in zip(ask, found) if h is not None)
+        return out
 
     def record(self, tx_ids: Sequence[str], height: int) -> None:
         self.filters.add(tx_ids)
-        batch = WriteBatch(raw_mode=True)
-        h = height.to_bytes(8, "big")
-        for t in tx_ids:
-            batch.put(t.encode(), h)
-        if height > self.height:
-            batch.put(_HEIGHT_KEY, h)
-            self.height = height
-        self.db.write(batch)  # one atomic batch: after a crash the index is as of some block
+        self._unwritten.update(dict.fromkeys(tx_ids, height.to_bytes(8, "big")))
+        self.height = max(self.height, height)
+        if len(self._unwritten) >= self._write_every:
+            self._write()
+
+    def _write(self) -> None:
+        """Write the ids recorded since the last write, sorted, in one atomic batch with the height
+        they reach: after a crash the index is as of some block, and the node records the rest
+        again from the chain when it starts.
+
+        Thousands of sorted keys at a time, not a block's few hundred random ones: each key
+        inserted into RocksDB's memtable (a skiplist of tens of thousands of keys) walked a path of
+        its own through memory, cache misses all the way; sorted neighbours share most of it.
+        Measured standalone, a block of 150 ids every 5 ms cost 1.9 us an id in the write and
+        4.2 us of the process's CPU in all; 3,000 sorted every 100 ms 0.6 and 2.4 us.
+        """
+        if not self._unwritten:
+            return
+        batch, unwritten = WriteBatch(raw_mode=True), self._unwritten
+        for t in sorted(unwritten):
+            batch.put(t.encode(), unwritten[t])
+        batch.put(_HEIGHT_KEY, self.height.to_bytes(8, "big"))
+        self.db.write(batch)
+        self._unwritten.clear()
 
     def close(self) -> None:
+        self._write()
         self.db.close()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import textwrap
 import uuid
 from pathlib import Path
 
@@ -45,6 +48,18 @@ def test_rocksdb_index_survives_reopening(tmp_path: Path) -> None:
     again = RocksTxIndex(tmp_path / "idx")
     assert (again.heights(["a"]), again.height) == ({"a": 4}, 4)
     again.close()
+
+
+def test_ids_are_written_in_batches_with_the_height_they_reach(tmp_path: Path) -> None:
+    idx = RocksTxIndex(tmp_path / "idx")
+    idx._write_every = 100
+    idx.record([f"b{k}" for k in range(60)], 1)
+    idx.record([f"c{k}" for k in range(30)], 2)
+    assert idx.db.get(b"b1") is None and idx.heights(["b1", "c2"]) == {"b1": 1, "c2": 2}  # not written yet
+    idx.record([f"d{k}" for k in range(20)], 3)  # 110 ids: written, with height 3
+    assert int.from_bytes(idx.db.get(b"b1"), "big") == 1 and int.from_bytes(idx.db.get(b"d0"), "big") == 3
+    assert (idx.heights(["b1", "c2", "d19", "e"]), idx.height) == ({"b1": 1, "c2": 2, "d19": 3}, 3)
+    idx.close()
 
 
 def entry(index: int, rows: list[tuple[str, str, str, int]]) -> Entry:
@@ -120,4 +135,39 @@ def test_an_index_in_use_gives_a_one_line_error(tmp_path: Path) -> None:
                                            r"running already\?\)$") as info:
         Storage(tmp_path / "node.db", GENESIS)
     assert "\n" not in str(info.value)
+    s.close()
+
+
+def test_ids_not_yet_written_at_a_crash_are_recorded_again_from_the_chain(tmp_path: Path) -> None:
+    """kill -9 takes the ids recorded since the index's last write: the node records them again
+    from its chain when it starts, so a retry of one is still answered with its first result."""
+    db = tmp_path / "node.db"
+    child = textwrap.dedent(f"""
+        import os
+        from ledger.messages import Entry, EntryKind
+        from ledger.state import LedgerState, encode_batch
+        from ledger.storage import Storage
+        s = Storage({str(db)!r}, {GENESIS!r})
+        s.index._write_every = 120
+        rec = s.load()
+        state = LedgerState(s, rec.balances, rec.head, rec.applied)
+        entries = [Entry(index=i, term=1, kind=EntryKind.TXS, data=encode_batch(
+            1_700_000_000_000 + i, [(f"t{{i}}-{{k}}", "alice", "bob", 1) for k in range(50)])) for i in range(1, 6)]
+        with s.transaction():
+            s.save_entries(1, entries)
+            for e in entries:
+                state.apply(e)
+        print(s.tx_result("t5-3").block_hash, flush=True)
+        os._exit(0)  # as kill -9: nothing is closed
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # Blocks 1-3 (150 ids) were written at height 3; blocks 4 and 5 were only in memory.
+    index = RocksTxIndex(Path(f"{db}.txindex"))
+    assert (index.height, index.heights(["t3-0", "t4-0"])) == (3, {"t3-0": 3})
+    index.close()
+    s = Storage(db, GENESIS)
+    assert s.index.height == 5
+    assert s.tx_result("t5-3") == TxResult("committed", None, 5, done.stdout.strip(), "alice>bob:1")
+    assert s.tx_result("t4-49") is not None and s.tx_result("t1-0") is not None
     s.close()
