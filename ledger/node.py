@@ -39,6 +39,7 @@ from ledger.messages import (
     SubmitRequest,
     SubmitResults,
     TransferRow,
+    transfer_key,
     trusted,
 )
 from ledger.raft import RaftConfig, RaftNode, Ready
@@ -57,6 +58,7 @@ EXPIRY_SCAN_S = 0.5  # how often requests past that are looked for
 CHAIN_REPLY_BYTES = 4 * 1024 * 1024
 
 ClientId = Hashable
+ResultRow = tuple[str, str, str | None, str]  # a SubmitResults row: tx_id, status, reason, transfer
 
 
 @dataclass
@@ -276,31 +278,46 @@ class LedgerNode:
                     self.log.info("transaction_rejected", tx_id=row[0], reason=reason)
         if not self.waiters and not self.proposed:
             return  # a follower: nobody to answer
-        batches: dict[tuple[ClientId, str, int, str], list[tuple[str, str, str | None, str]]] = {}
+        batches: dict[tuple[ClientId, str, int, str], list[ResultRow]] = {}
         for tx_id, res in a.earlier.items():
             self._answer(tx_id, res, batches)
-        for row, reason in a.outcomes:
-            if row[0] in self.waiters:
-                self._answer(row[0], a.result(row, reason), batches)
-            else:
-                self.proposed.discard(row[0])
+        if block is not None:
+            # Applied now, all in this block: one answer row a transfer, built here directly (this
+            # runs for every transfer a leader answers).
+            height, block_hash = block.height, block.hash
+            waiters, proposed = self.waiters, self.proposed
+            for row, reason in a.outcomes:
+                tx_id = row[0]
+                proposed.discard(tx_id)
+                ws = waiters.pop(tx_id, None)
+                if ws is None:
+                    continue
+                _, sender, recipient, amount = row
+                result = (tx_id, "committed" if reason is None else "rejected", reason,
+                          transfer_key(sender, recipient, amount))
+                for w in ws:
+                    if w.batch:
+                        key = (w.client, w.req_id, height, block_hash)
+                        if (rows := batches.get(key)) is None:
+                            batches[key] = [result]
+                        else:
+                            rows.append(result)
+                    else:
+                        self._reply(w.client, _submit_reply(w.req_id, tx_id, TxResult(
+                            result[1], reason, height, block_hash, result[3])))
         for (client, req_id, height, block_hash), results in batches.items():
             self._reply(client, trusted(SubmitResults, {
                 "v": PROTOCOL_VERSION, "type": "submit_results", "req_id": req_id, "height": height,
                 "block_hash": block_hash, "results": results}))
 
-    def _answer(self, tx_id: str, res: TxResult,
-                batches: dict[tuple[ClientId, str, int, str], list[tuple[str, str, str | None, str]]]) -> None:
-        """Answer everyone waiting for ``tx_id``; rows for batch waiters are gathered in ``batches``."""
+    def _answer(self, tx_id: str, res: TxResult, batches: dict[tuple[ClientId, str, int, str], list[ResultRow]]) -> None:
+        """Answer everyone waiting for ``tx_id`` (applied before); rows for batch waiters are
+        gathered in ``batches``."""
         self.proposed.discard(tx_id)
         for w in self.waiters.pop(tx_id, ()):
             if w.batch:
                 key = (w.client, w.req_id, res.height, res.block_hash)
-                row = (tx_id, res.status, res.reason, res.transfer)
-                if (rows := batches.get(key)) is None:
-                    batches[key] = [row]
-                else:
-                    rows.append(row)
+                batches.setdefault(key, []).append((tx_id, res.status, res.reason, res.transfer))
             else:
                 self._reply(w.client, _submit_reply(w.req_id, tx_id, res))
 
