@@ -42,6 +42,11 @@ from ledger.messages import MAX_BATCH_TRANSFERS
 REQUEST_TIMEOUT_S = 2.0
 MAX_RATE = 1_000_000  # --rate: far above what a cluster here answers; bounds a load worker's turn
 MAX_ISSUE_PER_TURN = 20_000  # transfers a load worker issues in one turn of its loop (open loop)
+# Open loop: one load process per this many transfers a second. One issues 38k/s on about a
+# fifth of a core (2.25 CPU s in a 10 s run); two, where one would do, only added a process and
+# a socket's frames to the two cores the nodes run on (at 38k/s the p99 was lower with one in 4
+# of 5 alternating runs, the machine 1-9% less busy).
+OPEN_LOOP_RATE_PER_WORKER = 50_000
 # Open loop: a worker sends what has fallen due every 2 ms, as a client library lingering to
 # batch would (latency still counts from when each transfer fell due). Sending every turn of
 # its loop made 5,000 frames a second of a few transfers each: the frames, not the transfers,
@@ -292,7 +297,7 @@ def run_workers(endpoints: dict[int, str], clients: int, duration: float, count:
                 rss_of: list[int] | None = None,
                 rss_samples: list[tuple[float, list[float]]] | None = None) -> tuple[list[dict[str, Any]], float, float]:
     """Run the load processes; with ``rss_of``, sample those processes' RSS into ``rss_samples``."""
-    n_workers = 2 if rate else min(2, clients)
+    n_workers = math.ceil(rate / OPEN_LOOP_RATE_PER_WORKER) if rate else min(2, clients)
     start_at = time.time() + 1.0
     procs = []
     for w in range(n_workers):

@@ -52,6 +52,8 @@ def test_an_open_loop_run_sends_at_its_rate(tmp_path: Path) -> None:
     done = r["committed"] + r["rejected"]
     assert 1900 <= done <= 2000 and r["unknown"] == 0  # 1000/s for 2 s, whatever the answers
     assert 900 < r["throughput"] < 1100
+    assert len(r["load_cpu_s"]) == 1  # one load process up to 50,000 transfers a second
+
 
 
 def _marked_processes(mark: str) -> list[int]:
