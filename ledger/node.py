@@ -105,7 +105,9 @@ class LedgerNode:
         self.out = Outbox()
         self.pending: list[TransferRow] = []
         self.proposed: set[str] = set()  # tx ids this leader proposed that are not yet applied
-        self.waiters: dict[str, list[Waiter]] = {}
+        # Who waits for each tx id, with the row each sent: two senders of one id may have sent
+        # different transfers, and only one of them can be what the id is applied with.
+        self.waiters: dict[str, list[tuple[Waiter, TransferRow]]] = {}
         self.next_expiry = 0.0
         self.reads: dict[int, tuple[Waiter, str]] = {}
         self.reads_waiting_apply: list[tuple[int, int]] = []  # (ctx, index)
@@ -189,9 +191,9 @@ class LedgerNode:
                 proposed.add(tx_id)
             ws = waiters.get(tx_id)
             if ws is None:
-                waiters[tx_id] = [waiter]
+                waiters[tx_id] = [(waiter, row)]
             else:
-                ws.append(waiter)
+                ws.append((waiter, row))
 
     def _on_balance(self, client: ClientId, req: BalanceRequest, now: float) -> None:
         if not self.raft.is_leader:
@@ -293,28 +295,35 @@ class LedgerNode:
                 if ws is None:
                     continue
                 _, sender, recipient, amount = row
-                result = (tx_id, "committed" if reason is None else "rejected", reason,
-                          transfer_key(sender, recipient, amount))
-                for w in ws:
+                applied = transfer_key(sender, recipient, amount)
+                result = (tx_id, "committed" if reason is None else "rejected", reason, applied)
+                for w, sent in ws:
+                    res = result
+                    if sent[3] != amount or sent[1] != sender or sent[2] != recipient:
+                        res = (tx_id, "rejected", _reused(tx_id, applied), applied)
                     if w.batch:
                         key = (w.client, w.req_id, height, block_hash)
                         if (rows := batches.get(key)) is None:
-                            batches[key] = [result]
+                            batches[key] = [res]
                         else:
-                            rows.append(result)
+                            rows.append(res)
                     else:
                         self._reply(w.client, _submit_reply(w.req_id, tx_id, TxResult(
-                            result[1], reason, height, block_hash, result[3])))
+                            res[1], res[2], height, block_hash, applied)))
         for (client, req_id, height, block_hash), results in batches.items():
             self._reply(client, trusted(SubmitResults, {
                 "v": PROTOCOL_VERSION, "type": "submit_results", "req_id": req_id, "height": height,
                 "block_hash": block_hash, "results": results}))
 
-    def _answer(self, tx_id: str, res: TxResult, batches: dict[tuple[ClientId, str, int, str], list[ResultRow]]) -> None:
-        """Answer everyone waiting for ``tx_id`` (applied before); rows for batch waiters are
-        gathered in ``batches``."""
+    def _answer(self, tx_id: str, first: TxResult,
+                batches: dict[tuple[ClientId, str, int, str], list[ResultRow]]) -> None:
+        """Answer everyone waiting for ``tx_id``, applied before with result ``first``; rows for
+        batch waiters are gathered in ``batches``."""
         self.proposed.discard(tx_id)
-        for w in self.waiters.pop(tx_id, ()):
+        for w, sent in self.waiters.pop(tx_id, ()):
+            res = first
+            if transfer_key(sent[1], sent[2], sent[3]) != first.transfer:
+                res = first._replace(status="rejected", reason=_reused(tx_id, first.transfer))
             if w.batch:
                 key = (w.client, w.req_id, res.height, res.block_hash)
                 batches.setdefault(key, []).append((tx_id, res.status, res.reason, res.transfer))
@@ -343,11 +352,11 @@ class LedgerNode:
     def _on_role(self) -> None:
         leader = self.raft.is_leader
         if self.was_leader and not leader:
-            # Every open request goes back to its client, to be retried at the new leader.
-            # Proposed transfers may still commit; the retry is de-duplicated by transfer id.
-            for waiters in self.waiters.values():
-                for w in waiters:
-                    self._reply(w.client, RedirectReply(req_id=w.req_id, leader_id=self.raft.leader_id))
+            # Every open request goes back to its client, to be retried at the new leader, once
+            # (a batch's rows share one Waiter). Proposed transfers may still commit; the retry
+            # is de-duplicated by transfer id.
+            for w in {id(w): w for ws in self.waiters.values() for w, _ in ws}.values():
+                self._reply(w.client, RedirectReply(req_id=w.req_id, leader_id=self.raft.leader_id))
             self.waiters.clear()
             self.pending.clear()
             self.proposed.clear()
@@ -357,13 +366,18 @@ class LedgerNode:
         if now < self.next_expiry:
             return  # a scan of every waiter at every tick was 4% of a busy leader's time
         self.next_expiry = now + EXPIRY_SCAN_S
-        for tx_id in [k for k, ws in self.waiters.items() if all(w.deadline < now for w in ws)]:
+        for tx_id in [k for k, ws in self.waiters.items() if all(w.deadline < now for w, _ in ws)]:
             del self.waiters[tx_id]
         for ctx in [c for c, (w, _) in self.reads.items() if w.deadline < now]:
             del self.reads[ctx]
 
     def _reply(self, client: ClientId, msg: ClientReply) -> None:
         self.out.clients.append((client, msg))
+
+
+def _reused(tx_id: str, applied: str) -> str:
+    """The reason a transfer is refused whose id was applied with another transfer."""
+    return f"transfer id {tx_id} was already used for {applied}"
 
 
 def _submit_reply(req_id: str, tx_id: str, r: TxResult) -> SubmitReply:

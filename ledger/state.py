@@ -116,8 +116,8 @@ class Applied(NamedTuple):
     block: Block | None  # None if the entry held no transfer that was not applied before
     # The transfers applied now, as rows in block order, with the reason each was rejected (or None).
     outcomes: list[tuple[Row, str | None]]
-    # The first results of ids this entry carried that were applied before. An id reused for
-    # another transfer reports a rejection that names the first one.
+    # The first results of ids this entry carried that were applied before (whoever sent one of
+    # them with another transfer is told so by the node: node.LedgerNode._on_applied).
     earlier: dict[str, TxResult]
 
     def result(self, row: Row, reason: str | None) -> TxResult:
@@ -165,11 +165,7 @@ class LedgerState:
         for r in rows:
             tx_id, sender, recipient, amount = r
             if tx_id in seen:
-                first = earlier.get(tx_id)
-                if first is not None and first.transfer != transfer_key(sender, recipient, amount):
-                    earlier[tx_id] = first._replace(
-                        status="rejected", reason=f"transfer id {tx_id} was already used for {first.transfer}")
-                continue
+                continue  # applied before, or earlier in this entry: it keeps its first result
             seen.add(tx_id)
             if 0 < amount <= MAX_AMOUNT and sender != recipient and bal.get(sender, -1) >= amount:
                 reason = None  # the common case, without check_transfer's calls

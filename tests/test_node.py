@@ -10,8 +10,11 @@ import pytest
 
 import ledger.node
 from ledger.messages import (
+    AppendEntriesMessage,
     ErrorReply,
     RedirectReply,
+    RequestVoteMessage,
+    RequestVoteResponse,
     SubmitBatchRequest,
     SubmitReply,
     SubmitRequest,
@@ -94,6 +97,55 @@ def test_retries_are_answered_with_the_block_they_are_in(leader: LedgerNode) -> 
                       results=[("x2", "committed", None, "bob>alice:1")]),
     ]
     assert leader.state.balances == {"alice": 96, "bob": 4}
+
+
+def test_an_id_sent_with_two_transfers_is_applied_once_and_each_sender_told_what_happened(leader: LedgerNode) -> None:
+    """The first transfer proposed under an id is applied. Whoever sent the id with another
+    transfer is told it was refused, naming the applied one; whoever sent the same transfer gets
+    its result: within one batch, in one turn, and when the id was applied before."""
+    leader.on_client("c", SubmitBatchRequest(req_id="r1", transfers=[("w", "alice", "bob", 1), ("w", "bob", "alice", 2)]),
+                     0.0)
+    ((_, first),) = settle(leader)
+    assert first.results == [("w", "committed", None, "alice>bob:1"),
+                             ("w", "rejected", "transfer id w was already used for alice>bob:1", "alice>bob:1")]
+    # Applied before: in one turn, the id with another transfer, then an honest retry of it.
+    leader.on_client("m", SubmitRequest(req_id="r2", transfer=Transfer(tx_id="w", sender="bob", recipient="alice",
+                                                                       amount=2)), 0.0)
+    leader.on_client("g", SubmitRequest(req_id="r3", transfer=Transfer(tx_id="w", sender="alice", recipient="bob",
+                                                                       amount=1)), 0.0)
+    replies = dict(settle(leader))
+    assert (replies["g"].status, replies["g"].height, replies["g"].block_hash) == ("committed", first.height,
+                                                                                   first.block_hash)
+    assert (replies["m"].status, replies["m"].reason) == ("rejected", "transfer id w was already used for alice>bob:1")
+    # A new id from two senders in one turn: the first proposed is applied.
+    leader.on_client("m", SubmitBatchRequest(req_id="r4", transfers=[("v", "bob", "alice", 1)]), 0.0)
+    leader.on_client("g", SubmitBatchRequest(req_id="r5", transfers=[("v", "alice", "bob", 3)]), 0.0)
+    replies = dict(settle(leader))
+    assert replies["m"].results == [("v", "committed", None, "bob>alice:1")]
+    assert replies["g"].results == [("v", "rejected", "transfer id v was already used for bob>alice:1", "bob>alice:1")]
+    assert leader.state.balances == {"alice": 100, "bob": 0}
+
+
+def test_a_leader_that_steps_down_redirects_each_open_request_once() -> None:
+    n = node([0, 1, 2])
+    for _ in range(20):
+        n.tick(0.0)
+        for m in n.flush(0).peers:
+            if isinstance(m, RequestVoteMessage):
+                n.on_raft(RequestVoteResponse(src=m.dst, dst=0, term=m.term, granted=True, pre_vote=m.pre_vote))
+        if n.raft.is_leader:
+            break
+    assert n.raft.is_leader
+    n.on_client("c", SubmitBatchRequest(req_id="r1", transfers=[("a", "alice", "bob", 1), ("b", "alice", "bob", 1),
+                                                                ("c", "alice", "bob", 1)]), 0.0)
+    n.on_client("d", SubmitRequest(req_id="r2", transfer=Transfer(tx_id="e", sender="alice", recipient="bob",
+                                                                  amount=1)), 0.0)
+    n.flush(0)  # proposed; no follower has it yet
+    n.on_raft(AppendEntriesMessage(src=1, dst=0, term=n.raft.term + 1, prev_log_index=0, prev_log_term=0,
+                                   leader_commit=0))
+    assert sorted((c, r) for c, r in n.flush(0).clients) == [("c", RedirectReply(req_id="r1", leader_id=1)),
+                                                               ("d", RedirectReply(req_id="r2", leader_id=1))]
+    assert not n.raft.is_leader and not n.waiters and not n.pending
 
 
 def test_a_batch_to_a_follower_gets_one_redirect() -> None:
