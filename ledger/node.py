@@ -296,20 +296,20 @@ class LedgerNode:
                     continue
                 _, sender, recipient, amount = row
                 applied = transfer_key(sender, recipient, amount)
-                result = (tx_id, "committed" if reason is None else "rejected", reason, applied)
+                result: ResultRow = (tx_id, "committed" if reason is None else "rejected", reason, applied)
                 for w, sent in ws:
-                    res = result
+                    answer = result
                     if sent[3] != amount or sent[1] != sender or sent[2] != recipient:
-                        res = (tx_id, "rejected", _reused(tx_id, applied), applied)
+                        answer = (tx_id, "rejected", _reused(tx_id, applied), applied)
                     if w.batch:
                         key = (w.client, w.req_id, height, block_hash)
                         if (rows := batches.get(key)) is None:
-                            batches[key] = [res]
+                            batches[key] = [answer]
                         else:
-                            rows.append(res)
+                            rows.append(answer)
                     else:
                         self._reply(w.client, _submit_reply(w.req_id, tx_id, TxResult(
-                            res[1], res[2], height, block_hash, applied)))
+                            answer[1], answer[2], height, block_hash, applied)))
         for (client, req_id, height, block_hash), results in batches.items():
             self._reply(client, trusted(SubmitResults, {
                 "v": PROTOCOL_VERSION, "type": "submit_results", "req_id": req_id, "height": height,

@@ -211,6 +211,7 @@ class Simulation:
         self.stats["crashes"] += 1
         self.trace_line(f"n{node_id} CRASH")
         sn.ledger = None  # volatile state is gone; storage keeps only committed transactions
+        sn.storage.crashed()  # and the id index what it had written (txindex.RocksTxIndex)
 
     def restart(self, node_id: int) -> None:
         sn = self.nodes[node_id]

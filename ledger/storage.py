@@ -133,13 +133,24 @@ class Storage:
                     raise StorageError(f"{where} is in use by another process (is this node running already?)") \
                         from None
                 raise StorageError(one_line(f"cannot open {where}: {exc}")) from None
+        self._catch_up(index)
+        return index
+
+    def _catch_up(self, index: TxIndex) -> None:
+        """Record in ``index`` the ids of the blocks above its height."""
         try:
             for start in range(index.height + 1, self.head_height + 1, 256):
                 for block in self.blocks(start, min(start + 255, self.head_height)):
                     index.record([tx["tx_id"] for tx in block.txs], block.height)
         except ValueError:
             pass  # a damaged block: verify_chain() names it, and the node refuses to start
-        return index
+
+    def crashed(self) -> None:
+        """What a crash of the node's process takes from an in-memory storage (the simulator's
+        crashes): the id index's unwritten ids, recorded again from the chain as at a start."""
+        assert isinstance(self.index, MemoryTxIndex), "only an in-memory storage is crashed in-process"
+        self.index.lose_unwritten()
+        self._catch_up(self.index)
 
     # ---- transactions ------------------------------------------------------------------------
 

@@ -55,7 +55,6 @@ def test_an_open_loop_run_sends_at_its_rate(tmp_path: Path) -> None:
     assert len(r["load_cpu_s"]) == 1  # one load process up to 50,000 transfers a second
 
 
-
 def _marked_processes(mark: str) -> list[int]:
     pids = []
     for d in Path("/proc").iterdir():
