@@ -352,7 +352,9 @@ def summarize(system: str, nodes: int, clients: int, outs: list[dict[str, Any]],
     seconds = (answered[-1] - start_at) if answered else 0.0
     cpu = [round(_cpu_seconds(p) - c, 2) for p, c in zip(pids, cpu0)]
     done = committed + rejected
-    return Result(system, nodes, clients, round(seconds, 2), committed, rejected, sum(o["unknown"] for o in outs),
+    # An open-loop run has no client count of its own: 0 there, and offered_rate says what it was.
+    return Result(system, nodes, 0 if rate else clients, round(seconds, 2), committed, rejected,
+                  sum(o["unknown"] for o in outs),
                   round(done / seconds, 1) if seconds else 0.0, round(_pct(lat, 0.5), 2), round(_pct(lat, 0.95), 2),
                   round(_pct(lat, 0.99), 2), round(lat[-1], 2) if lat else float("nan"), cpu,
                   [round(_status_mb(p, "VmHWM"), 1) for p in pids],

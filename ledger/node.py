@@ -50,7 +50,7 @@ MAX_BATCH = 2000  # transfers per log entry (one block)
 # A leader waits for the batch interval only while the batches it proposes are at least this
 # big: then transfers keep coming and a wait fills the next batch. Smaller batches (a few
 # clients, each waiting for its answer before it sends again) go at once, as waiting would
-# only slow them. An entry costs the cluster about as much CPU as 60-100 transfers do.
+# only slow them. An entry costs the cluster about as much CPU as 35-45 transfers do.
 LINGER_MIN_BATCH = 64
 MAX_PENDING = 50_000  # transfers waiting to be proposed; beyond this, clients are told to retry
 CLIENT_WAIT_S = 10.0  # how long an answer is owed to a client before the request is dropped
