@@ -42,32 +42,33 @@ class TxIndex(Protocol):
 
 
 class MemoryTxIndex:
-    """A dict, for in-memory storage (the simulator and tests). Like RocksTxIndex it "writes" its
-    ids in batches, so that ``lose_unwritten`` can do to it what kill -9 does to that one."""
+    """Dicts, for in-memory storage (the simulator and tests). Like RocksTxIndex it keeps recorded
+    ids apart until it "writes" them, so that ``lose_unwritten`` can do to it what kill -9 does
+    to that one."""
 
     def __init__(self, write_every: int = 100) -> None:
-        self._ids: dict[str, int] = {}
-        self._unwritten: list[str] = []
+        self._written: dict[str, int] = {}
+        self._unwritten: dict[str, int] = {}
         self._write_every = write_every
         self.height = 0
         self._written_height = 0
 
     def heights(self, tx_ids: Sequence[str]) -> dict[str, int]:
-        ids = self._ids
-        return {t: ids[t] for t in tx_ids if t in ids}
+        written, unwritten = self._written, self._unwritten
+        out = {t: written[t] for t in tx_ids if t in written}
+        out.update((t, unwritten[t]) for t in tx_ids if t in unwritten)
+        return out
 
     def record(self, tx_ids: Sequence[str], height: int) -> None:
-        self._ids.update(dict.fromkeys(tx_ids, height))
-        self._unwritten.extend(tx_ids)
+        self._unwritten.update(dict.fromkeys(tx_ids, height))
         self.height = max(self.height, height)
         if len(self._unwritten) >= self._write_every:
-            self._unwritten, self._written_height = [], self.height
+            self._written.update(self._unwritten)
+            self._unwritten, self._written_height = {}, self.height
 
     def lose_unwritten(self) -> None:
         """Forget the ids recorded since the last write, as a crash of the process would."""
-        for t in self._unwritten:
-            del self._ids[t]
-        self._unwritten, self.height = [], self._written_height
+        self._unwritten, self.height = {}, self._written_height
 
     def close(self) -> None:
         pass
