@@ -43,6 +43,7 @@ from ledger.messages import (
 from ledger.node import LedgerNode
 from ledger.raft import RaftConfig
 from ledger.storage import Storage
+from ledger.txindex import MemoryTxIndex
 
 GENESIS = {"alice": 300, "bob": 200, "carol": 100, "dave": 50}
 TICK_MS = 10
@@ -151,9 +152,15 @@ class Simulation:
         self.nemesis_gap = self.rng.choice([(50, 800), (50, 800), (300, 2000), (1000, 4000)])
         self.hot_crash_p = self.rng.choice([0.02, 0.1, 0.25]) if self.crash_p else self.rng.choice([0.0, 0.02])
         self.nodes: dict[int, SimNode] = {}
+        # How many ids each node's index records per write (a crash takes the rest): small, as a
+        # run commits a few dozen transfers, so that crashes fall between writes; apart from the
+        # main stream too.
+        writes = random.Random(f"index-{seed}")
         for i in self.ids:
             sn = SimNode(i, Storage(":memory:", GENESIS), drift=self.rng.uniform(0.95, 1.05),
                          offset_ms=self.rng.randint(-50, 50))
+            assert isinstance(sn.storage.index, MemoryTxIndex)
+            sn.storage.index.write_every = writes.randint(1, 20)
             self.nodes[i] = sn
             self._start(sn)
         self.blocked: set[tuple[str, str]] = set()

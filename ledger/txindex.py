@@ -49,7 +49,7 @@ class MemoryTxIndex:
     def __init__(self, write_every: int = 100) -> None:
         self._written: dict[str, int] = {}
         self._unwritten: dict[str, int] = {}
-        self._write_every = write_every
+        self.write_every = write_every  # ids a write
         self.height = 0
         self._written_height = 0
 
@@ -62,7 +62,7 @@ class MemoryTxIndex:
     def record(self, tx_ids: Sequence[str], height: int) -> None:
         self._unwritten.update(dict.fromkeys(tx_ids, height))
         self.height = max(self.height, height)
-        if len(self._unwritten) >= self._write_every:
+        if len(self._unwritten) >= self.write_every:
             self._written.update(self._unwritten)
             self._unwritten, self._written_height = {}, self.height
 
