@@ -282,53 +282,42 @@ class LedgerNode:
             return  # a follower: nobody to answer
         batches: dict[tuple[ClientId, str, int, str], list[ResultRow]] = {}
         for tx_id, res in a.earlier.items():
-            self._answer(tx_id, res, batches)
+            self._answer(tx_id, (tx_id, res.status, res.reason, res.transfer), res.height, res.block_hash, batches)
         if block is not None:
-            # Applied now, all in this block: one answer row a transfer, built here directly (this
-            # runs for every transfer a leader answers).
-            height, block_hash = block.height, block.hash
             waiters, proposed = self.waiters, self.proposed
             for row, reason in a.outcomes:
                 tx_id = row[0]
-                proposed.discard(tx_id)
-                ws = waiters.pop(tx_id, None)
-                if ws is None:
-                    continue
-                _, sender, recipient, amount = row
-                applied = transfer_key(sender, recipient, amount)
-                result: ResultRow = (tx_id, "committed" if reason is None else "rejected", reason, applied)
-                for w, sent in ws:
-                    answer = result
-                    if sent[3] != amount or sent[1] != sender or sent[2] != recipient:
-                        answer = (tx_id, "rejected", _reused(tx_id, applied), applied)
-                    if w.batch:
-                        key = (w.client, w.req_id, height, block_hash)
-                        if (rows := batches.get(key)) is None:
-                            batches[key] = [answer]
-                        else:
-                            rows.append(answer)
-                    else:
-                        self._reply(w.client, _submit_reply(w.req_id, tx_id, TxResult(
-                            answer[1], answer[2], height, block_hash, applied)))
+                if tx_id in waiters:
+                    self._answer(tx_id, (tx_id, "committed" if reason is None else "rejected", reason,
+                                         transfer_key(row[1], row[2], row[3])), block.height, block.hash, batches)
+                else:
+                    proposed.discard(tx_id)
         for (client, req_id, height, block_hash), results in batches.items():
             self._reply(client, trusted(SubmitResults, {
                 "v": PROTOCOL_VERSION, "type": "submit_results", "req_id": req_id, "height": height,
                 "block_hash": block_hash, "results": results}))
 
-    def _answer(self, tx_id: str, first: TxResult,
+    def _answer(self, tx_id: str, result: ResultRow, height: int, block_hash: str,
                 batches: dict[tuple[ClientId, str, int, str], list[ResultRow]]) -> None:
-        """Answer everyone waiting for ``tx_id``, applied before with result ``first``; rows for
-        batch waiters are gathered in ``batches``."""
+        """Answer everyone waiting for ``tx_id`` with ``result``, the id's result in the block at
+        ``height`` (applied now or before), or, to whoever sent the id with another transfer than
+        it was applied with, a refusal naming that one. Rows for batch waiters are gathered in
+        ``batches``; this runs for every transfer a leader answers."""
         self.proposed.discard(tx_id)
+        applied = result[3]
         for w, sent in self.waiters.pop(tx_id, ()):
-            res = first
-            if transfer_key(sent[1], sent[2], sent[3]) != first.transfer:
-                res = first._replace(status="rejected", reason=_reused(tx_id, first.transfer))
+            answer = result
+            if transfer_key(sent[1], sent[2], sent[3]) != applied:
+                answer = (tx_id, "rejected", _reused(tx_id, applied), applied)
             if w.batch:
-                key = (w.client, w.req_id, res.height, res.block_hash)
-                batches.setdefault(key, []).append((tx_id, res.status, res.reason, res.transfer))
+                key = (w.client, w.req_id, height, block_hash)
+                if (rows := batches.get(key)) is None:
+                    batches[key] = [answer]
+                else:
+                    rows.append(answer)
             else:
-                self._reply(w.client, _submit_reply(w.req_id, tx_id, res))
+                self._reply(w.client, _submit_reply(w.req_id, tx_id, TxResult(answer[1], answer[2], height,
+                                                                               block_hash, applied)))
 
     def _on_reads(self, rd: Ready) -> None:
         for ctx in rd.dropped_reads:
