@@ -105,6 +105,10 @@ class LedgerNode:
         self.out = Outbox()
         self.pending: list[TransferRow] = []
         self.proposed: set[str] = set()  # tx ids this leader proposed that are not yet applied
+        # The batches this leader proposed, by log index, as it validated them: applied from
+        # here, not decoded from the entry again (what decoding gives, as the followers do;
+        # tests/test_state.py checks that). Dropped when applied, or at a step-down.
+        self.own_batches: dict[int, tuple[bytes, int, list[TransferRow]]] = {}
         # Who waits for each tx id, with the row each sent: two senders of one id may have sent
         # different transfers, and only one of them can be what the id is applied with.
         self.waiters: dict[str, list[tuple[Waiter, TransferRow]]] = {}
@@ -164,7 +168,8 @@ class LedgerNode:
             self._last_proposal_ms, self._last_batch = wall_ms, len(self.pending)
             while self.pending:
                 batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
-                self.raft.propose(EntryKind.TXS, encode_batch(wall_ms, batch))
+                entry = self.raft.propose(EntryKind.TXS, encode_batch(wall_ms, batch))
+                self.own_batches[entry.index] = (entry.data, wall_ms, batch)
         rd = self.raft.ready()
         if rd:
             self._handle_ready(rd)
@@ -259,8 +264,9 @@ class LedgerNode:
         # Not fsynced on its own: the entries are durable already, and what a power loss
         # takes from the applied state is applied again from them (the applied index moves
         # with it). The next fsync of the log covers it as well (one write-ahead log).
+        own = self.own_batches
         with self.storage.transaction(durable=False):
-            applied = [self.state.apply(entry) for entry in entries]
+            applied = [self.state.apply(entry, _own_rows(own.pop(entry.index, None), entry)) for entry in entries]
         for a in applied:
             self._on_applied(a)
 
@@ -289,7 +295,8 @@ class LedgerNode:
                 tx_id = row[0]
                 if tx_id in waiters:
                     self._answer(tx_id, (tx_id, "committed" if reason is None else "rejected", reason,
-                                         transfer_key(row[1], row[2], row[3])), block.height, block.hash, batches)
+                                         transfer_key(row[1], row[2], row[3])), block.height, block.hash, batches,
+                                 row)
                 else:
                     proposed.discard(tx_id)
         for (client, req_id, height, block_hash), results in batches.items():
@@ -298,16 +305,17 @@ class LedgerNode:
                 "block_hash": block_hash, "results": results}))
 
     def _answer(self, tx_id: str, result: ResultRow, height: int, block_hash: str,
-                batches: dict[tuple[ClientId, str, int, str], list[ResultRow]]) -> None:
+                batches: dict[tuple[ClientId, str, int, str], list[ResultRow]], row: object = None) -> None:
         """Answer everyone waiting for ``tx_id`` with ``result``, the id's result in the block at
-        ``height`` (applied now or before), or, to whoever sent the id with another transfer than
-        it was applied with, a refusal naming that one. Rows for batch waiters are gathered in
-        ``batches``; this runs for every transfer a leader answers."""
+        ``height`` (applied now, from ``row``, or before), or, to whoever sent the id with another
+        transfer than it was applied with, a refusal naming that one. Rows for batch waiters are
+        gathered in ``batches``; this runs for every transfer a leader answers."""
         self.proposed.discard(tx_id)
         applied = result[3]
         for w, sent in self.waiters.pop(tx_id, ()):
             answer = result
-            if transfer_key(sent[1], sent[2], sent[3]) != applied:
+            # ``sent is row``: the row this leader proposed for this sender (own_batches), applied as is.
+            if sent is not row and transfer_key(sent[1], sent[2], sent[3]) != applied:
                 answer = (tx_id, "rejected", _reused(tx_id, applied), applied)
             if w.batch:
                 key = (w.client, w.req_id, height, block_hash)
@@ -349,6 +357,7 @@ class LedgerNode:
             self.waiters.clear()
             self.pending.clear()
             self.proposed.clear()
+            self.own_batches.clear()
         self.was_leader = leader
 
     def _expire(self, now: float) -> None:
@@ -374,3 +383,11 @@ def _submit_reply(req_id: str, tx_id: str, r: TxResult) -> SubmitReply:
     return trusted(SubmitReply, {"v": PROTOCOL_VERSION, "type": "submit_reply", "req_id": req_id, "tx_id": tx_id,
                                  "status": r.status, "reason": r.reason, "height": r.height,
                                  "block_hash": r.block_hash, "transfer": r.transfer})
+
+
+def _own_rows(own: tuple[bytes, int, list[TransferRow]] | None, entry: Entry) -> tuple[int, list[TransferRow]] | None:
+    """The timestamp and rows of ``entry`` as this leader proposed them, if it is that entry
+    (the same bytes: an entry of another leader may have replaced it at that index)."""
+    if own is None or own[0] is not entry.data:
+        return None
+    return own[1], own[2]

@@ -50,14 +50,17 @@ class _Tx(NamedTuple):
     amount: int
 
 
+Row = Sequence  # a validated batch row: [tx_id, sender, recipient, amount] (a tuple from a leader)
+
 # Account names recur (a ledger has far fewer accounts than transfers): names already seen to
 # match the pattern are kept, so most rows cost one pattern match (the id's) instead of three.
 _GOOD_NAMES: set[str] = set()
 _GOOD_NAMES_MAX = 100_000  # then it starts again: a bound on memory, not a rule of the ledger
 
 
-def _decode_rows(data: bytes) -> tuple[int, list[list | None]]:
-    """The leader's timestamp and the rows of a batch, a malformed row as None.
+def _decode_rows(data: bytes, keep_bad: bool) -> tuple[int, list[list | None]]:
+    """The leader's timestamp and the rows of a batch; a malformed row is left out, or is
+    None with ``keep_bad``.
 
     The same rules as the Transfer model, checked directly: this runs for every transfer on
     every node, and pydantic validation was a tenth of the apply time. A batch that does not
@@ -82,13 +85,19 @@ def _decode_rows(data: bytes) -> tuple[int, list[list | None]]:
                     if recipient in good or (ok(recipient) and not good.add(recipient)):
                         out.append(r)
                         continue
-        out.append(None)
+        if keep_bad:
+            out.append(None)
     return ts, out
+
+
+def decode_rows(data: bytes) -> tuple[int, list[Row]]:
+    """The leader's timestamp and the well-formed rows of a batch, as every node applies them."""
+    return _decode_rows(data, False)  # type: ignore[return-value]
 
 
 def decode_batch(data: bytes) -> tuple[int, list[Transfer | None]]:
     """The leader's timestamp and the transfers; a malformed record decodes to None."""
-    ts, rows = _decode_rows(data)
+    ts, rows = _decode_rows(data, True)
     return ts, [None if r is None else Transfer.model_construct(**_Tx(*r)._asdict()) for r in rows]
 
 
@@ -105,9 +114,6 @@ def check_transfer(t: Transfer | _Tx, balances: dict[str, int]) -> str | None:
     if balances[t.sender] < t.amount:
         return f"insufficient funds: balance {balances[t.sender]}, amount {t.amount}"
     return None
-
-
-Row = list  # a validated batch row: [tx_id, sender, recipient, amount]
 
 
 class Applied(NamedTuple):
@@ -139,11 +145,12 @@ class LedgerState:
         self.head = head
         self.applied = applied
 
-    def apply(self, entry: Entry) -> Applied:
+    def apply(self, entry: Entry, decoded: tuple[int, Sequence[Row]] | None = None) -> Applied:
         """Apply one committed entry: check each transfer, move the money, build the block.
 
         A transfer id applied before (in an earlier entry, or earlier in this one) is skipped
-        and keeps its first result.
+        and keeps its first result. ``decoded``, if given, is what ``decode_rows(entry.data)``
+        gives (the leader passes the rows it proposed, valid all of them, saving the decode).
         """
         if entry.index != self.applied + 1:
             raise ValueError(f"entry {entry.index} applied after {self.applied}")
@@ -151,11 +158,9 @@ class LedgerState:
         if entry.kind != EntryKind.TXS:
             self.store.put_applied(entry.index, None, {})
             return Applied(None, [], {})
-        ts, decoded = _decode_rows(entry.data)
-        rows = [r for r in decoded if r is not None]
-        ids = list(dict.fromkeys(r[0] for r in rows))
+        ts, rows = decode_rows(entry.data) if decoded is None else decoded
         # Retries of ids applied before keep, and report, their first result (one lookup a batch).
-        earlier = self.store.tx_results(ids)
+        earlier = self.store.tx_results([r[0] for r in rows])
         seen: set[str] = set(earlier)
         bal = self.balances
         docs: list[dict] = []

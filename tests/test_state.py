@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ledger.chain import canonical, genesis_block, verify_chain
-from ledger.messages import Entry, EntryKind, Transfer
-from ledger.state import MAX_AMOUNT, LedgerState, TxResult, check_transfer, decode_batch, encode_batch
+from ledger.messages import Entry, EntryKind, SubmitBatchRequest, Transfer
+from ledger.state import MAX_AMOUNT, LedgerState, TxResult, check_transfer, decode_batch, decode_rows, encode_batch
 from ledger.storage import Storage
 
 TS = 1_700_000_000_000
@@ -263,6 +263,37 @@ def _workload() -> list[Entry]:
         txs_entry(5, [T("a", "alice", "bob", 10)], term=2),
         txs_entry(6, [T("g", "rich", "alice", MAX_AMOUNT)], term=3),
     ]
+
+
+# Rows as a client might send them: names near and past the rules, amounts of every kind.
+_raw_names = st.one_of(st.sampled_from(["alice", "bob", "a" * 64, "a" * 65, "", "x\n", "b:c@d.e-f_g", "é"]),
+                       st.text(max_size=70))
+_raw_rows = st.tuples(_raw_names, _raw_names, _raw_names,
+                      st.one_of(st.integers(-(2**64), 2**64), st.booleans(), st.floats(), st.text(max_size=3)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(_raw_rows, min_size=1, max_size=8), ts=st.integers(0, 2**62))
+def test_what_a_leader_validated_is_what_every_node_decodes(rows, ts):
+    """A leader applies the rows it validated and proposed without decoding its entry again
+    (node.LedgerNode.own_batches); the followers decode the entry. Both must see the same rows."""
+    try:
+        req = SubmitBatchRequest(req_id="r", transfers=rows)
+    except ValueError:
+        return  # refused at the leader: never proposed
+    assert decode_rows(encode_batch(ts, req.transfers)) == (ts, [list(r) for r in req.transfers])
+
+
+def test_applying_the_rows_a_leader_proposed_gives_the_decoded_entrys_block():
+    rows = [("d1", "alice", "bob", 10), ("d2", "bob", "nobody", 5), ("d1", "alice", "bob", 10), ("d3", "zed", "bob", 1)]
+    entry = Entry(index=1, term=2, kind=EntryKind.TXS, data=encode_batch(1_700_000_000_000, rows))
+    decoded, own = Ledger({"alice": 100, "bob": 50}), Ledger({"alice": 100, "bob": 50})
+    a = decoded.state.apply(entry)
+    b = own.state.apply(entry, (1_700_000_000_000, rows))
+    assert a.block is not None and b.block is not None
+    assert (b.block.hash, b.block.to_json(), b.earlier) == (a.block.hash, a.block.to_json(), a.earlier)
+    assert [(list(r), reason) for r, reason in b.outcomes] == [(list(r), reason) for r, reason in a.outcomes]
+    assert own.state.balances == decoded.state.balances and own.stored_balances() == decoded.stored_balances()
 
 
 def test_two_replicas_produce_byte_identical_blocks():
