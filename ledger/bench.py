@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import itertools
 import json
 import math
@@ -534,6 +535,23 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform(), "git_commit": commit}
 
 
+def speed_probe() -> float:
+    """Seconds a fixed piece of CPU-bound Python takes on this machine, best of three: string
+    building, dict updates and SHA-256, as applying transfers does. Run with nothing else of the
+    benchmark's going, at the start and at the end: the VM's speed moves by tens of percent
+    within an hour, and every figure with it, so runs are compared with this beside them."""
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        balances: dict[str, int] = {}
+        for i in range(300_000):
+            name = f"acct{i % 100}"
+            balances[name] = balances.get(name, 0) + i
+            hashlib.sha256(f'{{"amount":{i},"sender":"{name}"}}'.encode()).digest()
+        best = min(best, time.perf_counter() - t)
+    return round(best, 4)
+
+
 def table(results: list[Result]) -> str:
     head = f"{'system':<11} {'nodes':>5} {'clients':>7} {'tx/s':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} " \
            f"{'max ms':>8} {'CPU s/node':>16} {'peak RSS MB':>18} {'RSS at end':>18} {'B/tx':>6}"
@@ -625,6 +643,7 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
 
 def _run(args: argparse.Namespace) -> int:
     record: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+    speed = [speed_probe()]
     results: list[Result] = []
     counts = SWEEP_CLIENTS if args.sweep else [args.clients]
     duration = args.duration if args.count is None else 1e9  # --count: run until all are answered
@@ -673,6 +692,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.sweep:
         _plot(results, args.sweep)
         print(f"\nplot: {args.sweep}")
+    speed.append(speed_probe())
+    record["machine"]["speed_probe_s"] = speed
+    print(f"\nmachine speed: the probe took {speed[0]:.3f} s at the start, {speed[1]:.3f} s at the end "
+          "(bench.speed_probe; lower is faster)")
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2))
     return 0

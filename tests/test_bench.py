@@ -41,7 +41,10 @@ def test_a_counted_closed_loop_run_answers_every_transfer(tmp_path: Path, capsys
     assert r["disk_bytes_per_transfer"] > 0
     assert len(r["load_cpu_s"]) == 2 and all(c > 0 for c in r["load_cpu_s"])  # two load processes
     assert len(record["machine"]["git_commit"]) == 40
-    assert "RSS per node at 300 answered" in capsys.readouterr().out
+    start, end = record["machine"]["speed_probe_s"]
+    out = capsys.readouterr().out
+    assert 0 < start < 30 and 0 < end < 30 and f"the probe took {start:.3f} s at the start, {end:.3f} s" in out
+    assert "RSS per node at 300 answered" in out
 
 
 def test_an_open_loop_run_sends_at_its_rate(tmp_path: Path) -> None:
