@@ -264,7 +264,9 @@ class LedgerNode:
         # Not fsynced on its own: the entries are durable already, and what a power loss
         # takes from the applied state is applied again from them (the applied index moves
         # with it). The next fsync of the log covers it as well (one write-ahead log).
-        own = self.own_batches
+        # Only while leading: a leader that has just learnt of a new term may, in the same turn,
+        # apply entries of the new leader that replaced its own (test_node: a stalled leader).
+        own = self.own_batches if self.raft.is_leader else {}
         with self.storage.transaction(durable=False):
             applied = [self.state.apply(entry, _own_rows(own.pop(entry.index, None), entry)) for entry in entries]
         for a in applied:

@@ -299,3 +299,51 @@ def test_a_leader_answers_what_committed_before_the_fsync_of_what_it_just_propos
     submit(trio, "r2", "t2")
     trio.flush(only=0)  # one Ready: entry 2 to apply, entry 3 (t2) to persist
     assert trio.order == ["fsync 2", "reply r1", "fsync 3"]
+
+
+def test_a_stalled_leader_applies_the_entries_that_replaced_its_own_not_its_own_rows() -> None:
+    """Node 0 leads and proposes two batches that reach nobody, then stalls; nodes 1 and 2 elect a
+    leader that commits other entries at those indexes. Node 0's first input after the stall is
+    the new leader's append, which replaces its entries and commits them in the same turn, before
+    it has stepped down: it must apply what is in its log now, not the rows it had proposed there
+    (``own_batches``; the entry's bytes are another object)."""
+    trio = Trio()
+    n0 = trio.nodes[0]
+    submit(trio, "x1", "x1")
+    trio.flush(only=0)
+    submit(trio, "x2", "x2")
+    trio.flush(only=0)
+    assert sorted(n0.own_batches) == [2, 3]
+    trio.queue.clear()  # its appends are lost
+
+    def among_1_and_2(rounds: int = 6) -> None:
+        for _ in range(rounds):
+            trio.queue[:] = [m for m in trio.queue if m.dst != 0 and m.src != 0]
+            msgs, trio.queue[:] = list(trio.queue), []
+            for m in msgs:
+                trio.nodes[m.dst].on_raft(m)
+            for i in (1, 2):
+                trio.queue.extend(trio.nodes[i].flush(1_700_000_000_000).peers)
+
+    for _ in range(30):
+        for i in (1, 2):
+            trio.nodes[i].tick(0.0)
+        among_1_and_2()
+        if any(trio.nodes[i].raft.is_leader for i in (1, 2)):
+            break
+    new = next(trio.nodes[i] for i in (1, 2) if trio.nodes[i].raft.is_leader)
+    new.on_client("d", SubmitBatchRequest(req_id="y1", transfers=[("y1", "alice", "bob", 7)]), 0.0)
+    among_1_and_2()
+    assert new.raft.commit_index == 3 and new.state.head.txs[0]["tx_id"] == "y1"  # a no-op at 2, y1 at 3
+    assert n0.raft.is_leader and sorted(n0.own_batches) == [2, 3]  # it knows nothing of it yet
+    trio.queue.clear()
+    new.tick(0.0)
+    trio.queue.extend(new.flush(1_700_000_000_000).peers)
+    to_0 = [m for m in trio.queue if m.dst == 0]
+    assert [(e.index, e.term) for m in to_0 for e in m.entries] == [(2, 2), (3, 2)]  # with commit 3
+    for m in to_0:
+        n0.on_raft(m)
+    replies = n0.flush(1_700_000_000_000).clients
+    assert n0.raft.commit_index == 3 and not n0.raft.is_leader and not n0.own_batches
+    assert (n0.state.head.hash, n0.state.balances) == (new.state.head.hash, new.state.balances)
+    assert sorted((r.req_id, type(r).__name__) for _, r in replies) == [("x1", "RedirectReply"), ("x2", "RedirectReply")]
