@@ -47,11 +47,10 @@ from ledger.state import Applied, LedgerState, TxResult, encode_batch
 from ledger.storage import Storage
 
 MAX_BATCH = 2000  # transfers per log entry (one block)
-# A leader waits for the batch interval only while transfers come fast enough to fill at least
-# this many in an interval (by the rate the last batch gathered at): then a wait fills the next
-# batch. Slower ones (a few clients, each waiting for its answer before it sends again) go at
-# once, as waiting would only slow them. An entry costs the cluster about as much CPU as 35-45
-# transfers do.
+# A leader waits for the batch interval only while the batches it proposes are at least this
+# big: then transfers keep coming and a wait fills the next batch. Smaller batches (a few
+# clients, each waiting for its answer before it sends again) go at once, as waiting would
+# only slow them. An entry costs the cluster about as much CPU as 35-45 transfers do.
 LINGER_MIN_BATCH = 64
 MAX_PENDING = 50_000  # transfers waiting to be proposed; beyond this, clients are told to retry
 CLIENT_WAIT_S = 10.0  # how long an answer is owed to a client before the request is dropped
@@ -96,7 +95,7 @@ class LedgerNode:
         # machine on entries of a few dozen transfers (see LINGER_MIN_BATCH).
         self.batch_interval_ms = batch_interval_ms
         self._last_proposal_ms: int | None = None
-        self._last_rate = 0.0  # transfers a ms that the last proposal gathered
+        self._last_batch = 0  # transfers in the last proposal
         self.storage = storage
         self.log = log
         rec = storage.load()
@@ -153,7 +152,7 @@ class LedgerNode:
     def _lingering(self) -> bool:
         """Whether pending transfers wait for the batch interval (under load, no full batch)."""
         return (self._last_proposal_ms is not None and self.batch_interval_ms > 0
-                and self._last_rate * self.batch_interval_ms >= LINGER_MIN_BATCH and len(self.pending) < MAX_BATCH)
+                and self._last_batch >= LINGER_MIN_BATCH and len(self.pending) < MAX_BATCH)
 
     def _batch_due(self, wall_ms: int) -> bool:
         if not self._lingering():
@@ -166,11 +165,7 @@ class LedgerNode:
         """Propose pending transfers (stamped ``wall_ms``) if they are due, handle the Ready,
         return what to send."""
         if self.pending and self.raft.is_leader and self._batch_due(wall_ms):
-            since = wall_ms - self._last_proposal_ms if self._last_proposal_ms is not None else 0
-            # Transfers a ms since the last proposal (a first one, or a clock that stepped back,
-            # counts the interval).
-            self._last_rate = len(self.pending) / (since if since > 0 else max(self.batch_interval_ms, 1))
-            self._last_proposal_ms = wall_ms
+            self._last_proposal_ms, self._last_batch = wall_ms, len(self.pending)
             while self.pending:
                 batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
                 entry = self.raft.propose(EntryKind.TXS, encode_batch(wall_ms, batch))

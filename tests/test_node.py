@@ -228,30 +228,6 @@ def test_batches_smaller_than_the_linger_minimum_go_at_once(monkeypatch: pytest.
     assert n.raft.log.last_index == start + 4 and not n.pending
 
 
-def test_small_batches_that_come_fast_wait_for_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whether a leader waits is decided by the rate transfers come at, not by the last batch's
-    size: an open-loop load of frames of a few dozen transfers every 2 ms, proposed at once,
-    made 300 entries a second of 60 transfers at 16,000 tx/s, each with an entry's fixed cost."""
-    n = batching_leader()
-    monkeypatch.setattr(ledger.node, "LINGER_MIN_BATCH", 3)
-    t0, start = 1_700_000_000_000, n.raft.log.last_index
-
-    def batch(k: int, size: int, at: int) -> None:
-        rows = [(f"t{k}-{j}", "alice", "bob", 1) for j in range(size)]
-        n.on_client("c", SubmitBatchRequest(req_id=f"r{k}", transfers=rows), 0.0)
-        n.flush(at)
-
-    batch(0, 2, t0)  # 2 in an interval: below 3, it goes at once
-    batch(1, 2, t0 + 1)  # goes at once too, but 2 in 1 ms is 10 an interval
-    assert n.raft.log.last_index == start + 2 and n.proposal_due_ms() is None
-    batch(2, 2, t0 + 2)
-    assert n.raft.log.last_index == start + 2 and n.proposal_due_ms() == t0 + 6  # it waits
-    n.flush(t0 + 6)
-    assert n.raft.log.last_index == start + 3 and not n.pending  # 2 in 5 ms: slow again
-    batch(3, 1, t0 + 7)
-    assert n.raft.log.last_index == start + 4 and not n.pending
-
-
 # ---- a three-node cluster wired by hand: when a leader proposes and when it answers ----------------
 
 class Trio:
