@@ -43,7 +43,7 @@ from ledger.messages import (
     trusted,
 )
 from ledger.raft import RaftConfig, RaftNode, Ready
-from ledger.state import Applied, LedgerState, TxResult, encode_batch
+from ledger.state import Applied, LedgerState, Row, TxResult, encode_batch
 from ledger.storage import Storage
 
 MAX_BATCH = 2000  # transfers per log entry (one block)
@@ -108,7 +108,7 @@ class LedgerNode:
         # The batches this leader proposed, by log index, as it validated them: applied from
         # here, not decoded from the entry again (what decoding gives, as the followers do;
         # tests/test_state.py checks that). Dropped when applied, or at a step-down.
-        self.own_batches: dict[int, tuple[bytes, int, list[TransferRow]]] = {}
+        self.own_batches: dict[int, tuple[bytes, tuple[int, list[TransferRow]]]] = {}
         # Who waits for each tx id, with the row each sent: two senders of one id may have sent
         # different transfers, and only one of them can be what the id is applied with.
         self.waiters: dict[str, list[tuple[Waiter, TransferRow]]] = {}
@@ -169,7 +169,7 @@ class LedgerNode:
             while self.pending:
                 batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
                 entry = self.raft.propose(EntryKind.TXS, encode_batch(wall_ms, batch))
-                self.own_batches[entry.index] = (entry.data, wall_ms, batch)
+                self.own_batches[entry.index] = (entry.data, (wall_ms, batch))
         rd = self.raft.ready()
         if rd:
             self._handle_ready(rd)
@@ -264,13 +264,20 @@ class LedgerNode:
         # Not fsynced on its own: the entries are durable already, and what a power loss
         # takes from the applied state is applied again from them (the applied index moves
         # with it). The next fsync of the log covers it as well (one write-ahead log).
-        # Only while leading: a leader that has just learnt of a new term may, in the same turn,
-        # apply entries of the new leader that replaced its own (test_node: a stalled leader).
-        own = self.own_batches if self.raft.is_leader else {}
         with self.storage.transaction(durable=False):
-            applied = [self.state.apply(entry, _own_rows(own.pop(entry.index, None), entry)) for entry in entries]
+            applied = [self.state.apply(entry, self._own_rows(entry)) for entry in entries]
         for a in applied:
             self._on_applied(a)
+
+    def _own_rows(self, entry: Entry) -> tuple[int, list[TransferRow]] | None:
+        """The timestamp and rows of ``entry`` as this leader proposed them, if it still leads
+        and it is that very entry (the same bytes): a leader that has just learnt of a new term
+        may, in the same turn, apply entries of the new leader that replaced its own (test_node:
+        a stalled leader)."""
+        own = self.own_batches.pop(entry.index, None)
+        if own is None or not self.raft.is_leader or own[0] is not entry.data:
+            return None
+        return own[1]
 
     def _send(self, msgs: list[RaftMessage]) -> None:
         if self.send_now is not None:
@@ -307,7 +314,7 @@ class LedgerNode:
                 "block_hash": block_hash, "results": results}))
 
     def _answer(self, tx_id: str, result: ResultRow, height: int, block_hash: str,
-                batches: dict[tuple[ClientId, str, int, str], list[ResultRow]], row: object = None) -> None:
+                batches: dict[tuple[ClientId, str, int, str], list[ResultRow]], row: Row | None = None) -> None:
         """Answer everyone waiting for ``tx_id`` with ``result``, the id's result in the block at
         ``height`` (applied now, from ``row``, or before), or, to whoever sent the id with another
         transfer than it was applied with, a refusal naming that one. Rows for batch waiters are
@@ -385,11 +392,3 @@ def _submit_reply(req_id: str, tx_id: str, r: TxResult) -> SubmitReply:
     return trusted(SubmitReply, {"v": PROTOCOL_VERSION, "type": "submit_reply", "req_id": req_id, "tx_id": tx_id,
                                  "status": r.status, "reason": r.reason, "height": r.height,
                                  "block_hash": r.block_hash, "transfer": r.transfer})
-
-
-def _own_rows(own: tuple[bytes, int, list[TransferRow]] | None, entry: Entry) -> tuple[int, list[TransferRow]] | None:
-    """The timestamp and rows of ``entry`` as this leader proposed them, if it is that entry
-    (the same bytes: an entry of another leader may have replaced it at that index)."""
-    if own is None or own[0] is not entry.data:
-        return None
-    return own[1], own[2]
