@@ -58,6 +58,29 @@ def test_an_open_loop_run_sends_at_its_rate(tmp_path: Path) -> None:
     assert len(r["load_cpu_s"]) == 1  # one load process up to 50,000 transfers a second
 
 
+def test_a_sweep_judges_half_the_peak_and_the_ceiling_by_the_median_of_repeats(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(bench, "SWEEP_CLIENTS", [4, 32])
+    out, png = tmp_path / "b.json", tmp_path / "sweep.png"
+    assert bench.main(["--sweep", str(png), "--ceiling", "--duration", "1", "--accounts", "10",
+                       "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [r["clients"] for r in record["results"]] == [4, 32]
+    best = max(r["throughput"] for r in record["results"])
+    half = record["half_peak"]
+    assert half["throughput"] == best / 2
+    runs = half["open_loop"]
+    assert len(runs) == bench.REPEATS == 3 and all(r["offered_rate"] == best / 2 for r in runs)
+    assert half["open_loop_p99_ms"] == sorted(r["p99_ms"] for r in runs)[1]
+    ceil = record["ceiling"]
+    assert len(ceil["runs"]) == 3 and ceil["transfers_per_s"] == sorted(ceil["runs"])[1] > 0
+    assert ceil["replicated_fraction"] == best / ceil["transfers_per_s"]
+    text = capsys.readouterr().out
+    assert f"p99 {half['open_loop_p99_ms']:.1f} ms (median; each: " in text
+    assert f"replicated best is {ceil['replicated_fraction']:.0%} of it" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _marked_processes(mark: str) -> list[int]:
     pids = []
     for d in Path("/proc").iterdir():
