@@ -142,6 +142,7 @@ class Storage:
             for start in range(index.height + 1, self.head_height + 1, 256):
                 for block in self.blocks(start, min(start + 255, self.head_height)):
                     index.record([tx["tx_id"] for tx in block.txs], block.height)
+                index.write_if_due()
         except ValueError:
             pass  # a damaged block: verify_chain() names it, and the node refuses to start
 
@@ -226,6 +227,10 @@ class Storage:
 
     def record_tx_ids(self, tx_ids: Sequence[str], height: int) -> None:
         self.index.record(tx_ids, height)
+
+    def write_index_if_due(self) -> None:
+        """The id index's batched write, if enough ids have gathered (TxIndex.write_if_due)."""
+        self.index.write_if_due()
 
     def put_applied(self, index: int, block: Block | None, balances: dict[str, int]) -> None:
         if block is not None:

@@ -36,7 +36,13 @@ class TxIndex(Protocol):
         """The recorded height of each of ``tx_ids`` that has one."""
 
     def record(self, tx_ids: Sequence[str], height: int) -> None:
-        """Record the ids of the block at ``height`` (blocks are recorded in order)."""
+        """Record the ids of the block at ``height`` (blocks are recorded in order); in memory
+        until a write."""
+
+    def write_if_due(self) -> None:
+        """Write the recorded ids once enough have gathered. Not part of ``record``: the node
+        calls it after a turn's answers are out (a write takes a few ms, and the transfers
+        whose block it fell in waited for it)."""
 
     def close(self) -> None: ...
 
@@ -62,6 +68,8 @@ class MemoryTxIndex:
     def record(self, tx_ids: Sequence[str], height: int) -> None:
         self._unwritten.update(dict.fromkeys(tx_ids, height))
         self.height = max(self.height, height)
+
+    def write_if_due(self) -> None:
         if len(self._unwritten) >= self.write_every:
             self._written.update(self._unwritten)
             self._unwritten, self._written_height = {}, self.height
@@ -173,6 +181,8 @@ class RocksTxIndex:
         self.filters.add(tx_ids)
         self._unwritten.update(dict.fromkeys(tx_ids, height.to_bytes(8, "big")))
         self.height = max(self.height, height)
+
+    def write_if_due(self) -> None:
         if len(self._unwritten) >= self._write_every:
             self._write()
 

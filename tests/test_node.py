@@ -24,6 +24,7 @@ from ledger.messages import (
 from ledger.node import LedgerNode
 from ledger.raft import RaftConfig
 from ledger.storage import Storage
+from ledger.txindex import MemoryTxIndex
 
 GENESIS = {"alice": 100, "bob": 0}
 CONFIG = RaftConfig(heartbeat_ticks=1, election_ticks_min=2, election_ticks_max=3)
@@ -232,14 +233,15 @@ def test_batches_smaller_than_the_linger_minimum_go_at_once(monkeypatch: pytest.
 
 class Trio:
     """Three LedgerNodes whose peer messages wait in one queue until ``deliver``; node 0 leads.
-    ``order`` records, for the leader, its fsynced transactions and its replies, in order."""
+    ``order`` records, for the leader, its fsynced transactions and its replies, in order;
+    ``replied`` every node's replies, as they went out."""
 
     def __init__(self) -> None:
         self.queue: list[Any] = []
         self.order: list[str] = []
+        self.replied: list[Any] = []
         self.nodes = {i: LedgerNode(i, [0, 1, 2], Storage(":memory:", GENESIS), CONFIG, random.Random(i), Events(),
-                                    send_now=self.queue.extend,
-                                    reply_now=lambda rs: self.order.extend(f"reply {r.req_id}" for _, r in rs))
+                                    send_now=self.queue.extend, reply_now=self._reply)
                       for i in range(3)}
         storage = self.nodes[0].storage
         plain = storage.transaction
@@ -263,14 +265,16 @@ class Trio:
         assert self.nodes[0].raft.commit_index == self.nodes[0].raft.log.last_index
         self.order.clear()
 
-    def flush(self, only: int | None = None) -> list[Any]:
-        replies = []
+    def _reply(self, rs: list[Any]) -> None:
+        self.order.extend(f"reply {r.req_id}" for _, r in rs)
+        self.replied.extend(rs)
+
+    def flush(self, only: int | None = None) -> None:
         for i, n in self.nodes.items():
             if only is None or i == only:
                 out = n.flush(1_700_000_000_000)
                 self.queue.extend(out.peers)
-                replies += out.clients
-        return replies
+                assert out.clients == []  # every reply went out through reply_now
 
     def deliver(self, rounds: int = 6) -> None:
         for _ in range(rounds):
@@ -299,6 +303,30 @@ def test_a_leader_answers_what_committed_before_the_fsync_of_what_it_just_propos
     submit(trio, "r2", "t2")
     trio.flush(only=0)  # one Ready: entry 2 to apply, entry 3 (t2) to persist
     assert trio.order == ["fsync 2", "reply r1", "fsync 3"]
+
+
+def test_the_id_index_is_written_after_the_answers_of_its_turn_are_out() -> None:
+    """A write of the id index takes milliseconds: the transfers whose block brought it to its
+    size are answered first (order: the leader's fsyncs, replies and index writes)."""
+    trio = Trio()
+    index = trio.nodes[0].storage.index
+    assert isinstance(index, MemoryTxIndex)
+    index.write_every = 2
+    plain = index.write_if_due
+
+    def recorded() -> None:
+        due = len(index._unwritten) >= index.write_every
+        plain()
+        if due:
+            trio.order.append(f"index {index.height}")
+
+    index.write_if_due = recorded  # type: ignore[method-assign]
+    trio.nodes[0].on_client("c", SubmitBatchRequest(req_id="r1", transfers=[
+        ("t1", "alice", "bob", 1), ("t2", "alice", "bob", 2)]), 0.0)
+    trio.flush(only=0)
+    trio.deliver()
+    assert trio.order == ["fsync 2", "reply r1", "index 1"]
+    assert index.heights(["t1", "t2"]) == {"t1": 1, "t2": 1} and index._unwritten == {}
 
 
 def test_a_stalled_leader_applies_the_entries_that_replaced_its_own_not_its_own_rows() -> None:
@@ -343,7 +371,9 @@ def test_a_stalled_leader_applies_the_entries_that_replaced_its_own_not_its_own_
     assert [(e.index, e.term) for m in to_0 for e in m.entries] == [(2, 2), (3, 2)]  # with commit 3
     for m in to_0:
         n0.on_raft(m)
-    replies = n0.flush(1_700_000_000_000).clients
+    trio.replied.clear()
+    assert n0.flush(1_700_000_000_000).clients == []  # sent through reply_now, before the index's write
+    replies = trio.replied
     assert n0.raft.commit_index == 3 and not n0.raft.is_leader and not n0.own_batches
     assert (n0.state.head.hash, n0.state.balances) == (new.state.head.hash, new.state.balances)
     assert sorted((r.req_id, type(r).__name__) for _, r in replies) == [("x1", "RedirectReply"), ("x2", "RedirectReply")]

@@ -54,9 +54,13 @@ def test_ids_are_written_in_batches_with_the_height_they_reach(tmp_path: Path) -
     idx = RocksTxIndex(tmp_path / "idx")
     idx._write_every = 100
     idx.record([f"b{k}" for k in range(60)], 1)
+    idx.write_if_due()
     idx.record([f"c{k}" for k in range(30)], 2)
+    idx.write_if_due()
     assert idx.db.get(b"b1") is None and idx.heights(["b1", "c2"]) == {"b1": 1, "c2": 2}  # not written yet
-    idx.record([f"d{k}" for k in range(20)], 3)  # 110 ids: written, with height 3
+    idx.record([f"d{k}" for k in range(20)], 3)
+    assert idx.db.get(b"b1") is None  # recording never writes: the node writes after its answers are out
+    idx.write_if_due()  # 110 ids: written, with height 3
     assert int.from_bytes(idx.db.get(b"b1"), "big") == 1 and int.from_bytes(idx.db.get(b"d0"), "big") == 3
     assert (idx.heights(["b1", "c2", "d19", "e"]), idx.height) == ({"b1": 1, "c2": 2, "d19": 3}, 3)
     idx.close()
@@ -73,6 +77,7 @@ def apply_all(s: Storage, entries: list[Entry]) -> LedgerState:
         s.save_entries(1, entries)
         for e in entries:
             state.apply(e)
+            s.write_index_if_due()  # as a node does after each turn
     return state
 
 
@@ -157,6 +162,7 @@ def test_ids_not_yet_written_at_a_crash_are_recorded_again_from_the_chain(tmp_pa
             s.save_entries(1, entries)
             for e in entries:
                 state.apply(e)
+                s.write_index_if_due()
         print(s.tx_result("t5-3").block_hash, flush=True)
         os._exit(0)  # as kill -9: nothing is closed
     """)
