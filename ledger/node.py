@@ -3,11 +3,13 @@
 ``LedgerNode`` is what both the real server (``server.py``: ZeroMQ, wall clock) and the
 deterministic simulator drive. Inputs: Raft messages, client requests, ticks, and the current
 time passed in. ``flush()`` proposes the pending transfers and handles the core's Ready in the
-order Raft needs: a leader's appends out; hard state and new entries persisted with one fsync;
-votes and acknowledgements out; committed entries applied; clients answered. A leader applies
+order Raft needs: a leader's appends out; hard state and new entries persisted with one fsync
+(with ``leader_syncs_later``, a leader's new entries are written and synced on the storage's
+thread, and count for it once that sync is done); votes and acknowledgements out; committed
+entries applied; clients answered. A leader applies
 and answers what was committed before that fsync: those entries are on its disk already. Peer
-messages go out through ``send_now`` and client replies through ``reply_now`` as soon as they
-may; without them (and for what is left) they are returned in the Outbox.
+messages go out through ``send_now`` as soon as they may, and client replies through
+``reply_now``, all of them within ``flush()``; without them they are returned in the Outbox.
 """
 
 from __future__ import annotations
@@ -80,20 +82,30 @@ class LedgerNode:
                  rng: random.Random, log: Any,
                  send_now: Callable[[list[RaftMessage]], None] | None = None,
                  reply_now: Callable[[list[tuple[ClientId, ClientReply]]], None] | None = None,
-                 batch_interval_ms: int = 0) -> None:
+                 batch_interval_ms: int = 0, leader_syncs_later: bool = False) -> None:
         self.id = node_id
         # Sends peer messages in the middle of flush(): a leader's appends before its own fsync,
         # acknowledgements right after it, before the entries are applied. Without it they wait
         # in the Outbox until flush() returns.
         self.send_now = send_now
-        # Sends client replies in the middle of flush(): a leader's answers before the fsync of
-        # the entries it proposed in the same turn. Without it they wait in the Outbox.
+        # Sends client replies from within flush(): a leader's answers before the fsync of the
+        # entries it proposed in the same turn, every other reply (those queued since the last
+        # flush too) before the id index's write at its end, so Outbox.clients stays empty.
+        # Without it they wait in the Outbox.
         self.reply_now = reply_now
         # Under load a leader proposes at most one batch (log entry, block) per interval, unless
         # a full batch is waiting: every entry costs every node the same fixed work (a durable
         # commit, a block, messages) whatever it holds, so proposing at every turn spent the
         # machine on entries of a few dozen transfers (see LINGER_MIN_BATCH).
         self.batch_interval_ms = batch_interval_ms
+        # A leader writes its new entries without waiting for their sync, which the storage
+        # does on a thread (Storage.request_sync): its loop takes acknowledgements and answers
+        # clients meanwhile, and it counts its own copy towards a commit once the sync is done
+        # (the followers' copies may make the majority first). Its messages never depend on its
+        # own log being durable (dissertation 10.2.1); a Ready with a new term or vote, or any
+        # Ready of a follower or candidate, is still fsynced before its messages go out.
+        self.leader_syncs_later = leader_syncs_later
+        self.unsynced: list[tuple[int, Ready]] = []  # (sync ticket, Ready written without sync)
         self._last_proposal_ms: int | None = None
         self._last_batch = 0  # transfers in the last proposal
         self.storage = storage
@@ -170,6 +182,9 @@ class LedgerNode:
                 batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
                 entry = self.raft.propose(EntryKind.TXS, encode_batch(wall_ms, batch))
                 self.own_batches[entry.index] = (entry.data, (wall_ms, batch))
+        done = self.storage.synced
+        while self.unsynced and self.unsynced[0][0] <= done:
+            self.raft.persisted(self.unsynced.pop(0)[1])  # may commit: the Ready below applies it
         rd = self.raft.ready()
         if rd:
             self._handle_ready(rd)
@@ -250,7 +265,16 @@ class LedgerNode:
                 self.reply_now(self.out.clients)
                 self.out.clients = []
             committed = []
-        if rd.hard_state is not None or rd.truncate_from is not None:
+        if rd.hard_state is None and rd.truncate_from is not None and self.leader_syncs_later \
+                and self.raft.is_leader:
+            with self.storage.transaction(durable=False):
+                self.storage.save_entries(rd.truncate_from, rd.entries)
+            ticket = self.storage.request_sync()
+            if ticket is None:  # a storage with nothing to sync (in memory)
+                self.raft.persisted(rd)
+            else:
+                self.unsynced.append((ticket, rd))
+        elif rd.hard_state is not None or rd.truncate_from is not None:
             with self.storage.transaction():  # one fsync, before anything that depends on it is sent
                 if rd.hard_state is not None:
                     self.storage.save_hard_state(rd.hard_state)

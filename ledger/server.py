@@ -16,6 +16,8 @@ import signal
 import time
 from typing import Any, NamedTuple
 
+import zmq
+
 from ledger.config import ClusterConfig
 from ledger.logsetup import setup_node_logging
 from ledger.messages import (
@@ -88,7 +90,9 @@ class Server:
         self.node = LedgerNode(node_id, list(cfg.nodes), self.storage, raft_config(cfg),
                                random.Random(), self.log, send_now=self._send_peers,
                                reply_now=self._send_replies,  # type: ignore[arg-type]
-                               batch_interval_ms=cfg.batch_interval_ms)
+                               batch_interval_ms=cfg.batch_interval_ms, leader_syncs_later=True)
+        if self.storage.sync_signal is not None:  # a completed sync of the leader's log wakes the loop
+            self.transport.poller.register(self.storage.sync_signal, zmq.POLLIN)
         self.tick_s = cfg.tick_ms / 1000
         self.running = False
         self._bad_window_start, self._bad_lines, self._bad_left_out = 0.0, 0, 0
@@ -127,6 +131,7 @@ class Server:
                     for _ in range(due):
                         self.node.tick(now)
                     next_tick = max(next_tick + due * self.tick_s, now)
+                self.storage.clear_sync_signal()  # flush() below takes what the syncs completed
                 if trim is not None and now >= next_trim:
                     trim(0)
                     next_trim = now + TRIM_INTERVAL_S

@@ -271,14 +271,10 @@ class Simulation:
         p = self.crash_p if self._moment(sn) == before else self.hot_crash_p
         fault = self.rng.random() if self.faults and not self.stopping else 1.0
         if fault < p:
-            self._bounce(sn.id)  # crash after the fsync, before anything was sent
+            self._bounce(sn.id)  # crash after the fsync, before the rest of the messages were sent
             return
         self._send_peers(sn.id, out.peers)
-        self._send_clients(sn.id, out.clients)
-        if any(isinstance(r, (SubmitReply, SubmitResults)) for _, r in out.clients):
-            # A leader that dies right after telling clients "committed" leaves followers that do
-            # not know it yet: the next leader's commitIndex lags what clients saw (raft-cases C08).
-            p = max(p, self.hot_crash_p / 4)
+        assert not out.clients, "with reply_now, every reply goes out within flush()"
         if p <= fault < 2 * p:
             self._bounce(sn.id)  # crash right after sending
 
@@ -307,8 +303,16 @@ class Simulation:
             raise _Killed
 
     def _reply_now(self, node_id: int, replies: list[tuple[Hashable, ClientReply]]) -> None:
-        """A leader's answers sent before the fsync of its newest entries: a crash right after
-        them leaves clients told "committed" and the leader's disk without what followed."""
+        """Every answer goes out here, in the middle of a flush: a leader's before the fsync of its
+        newest entries, the rest at the end of the turn. A crash right before them leaves applied
+        transfers unanswered (the clients retry, de-duplicated by id); right after them, clients
+        told "committed" and followers that may not know it yet, so the next leader's
+        commitIndex lags what clients saw (raft-cases C08), or a leader's disk without what
+        followed."""
+        hot = self.faults and not self.stopping and any(isinstance(r, (SubmitReply, SubmitResults))
+                                                        for _, r in replies)
+        if hot and self.rng.random() < self.hot_crash_p / 8:
+            raise _Killed
         self._send_clients(node_id, replies)
         if replies and self.faults and not self.stopping and self.rng.random() < self.hot_crash_p / 4:
             raise _Killed

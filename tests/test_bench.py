@@ -60,24 +60,36 @@ def test_an_open_loop_run_sends_at_its_rate(tmp_path: Path) -> None:
 
 def test_a_sweep_judges_half_the_peak_and_the_ceiling_by_the_median_of_repeats(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The open-loop runs at half the peak and the ceiling runs give their median, not the first
+    or the best (fixed figures stand in for the runs, in an order that tells them apart)."""
+    closed = {4: (1000.0, 5.0), 32: (2000.0, 9.0)}  # clients: throughput, p99
+    open_p99 = iter([30.0, 10.0, 20.0])
+    offered: list[float | None] = []
+
+    def fake_run(nodes: int, clients: int, duration: float, count: int | None, accounts: int,
+                 progress: bool = True, rate: float | None = None) -> bench.Result:
+        offered.append(rate)
+        tput, p99 = (rate, next(open_p99)) if rate else closed[clients]
+        return bench.Result("raftledger", nodes, 0 if rate else clients, duration, int(tput * duration), 0, 0, tput,
+                            p99 / 2, p99, p99, p99, [1.0] * 3, [50.0] * 3, offered_rate=rate)
+
     monkeypatch.setattr(bench, "SWEEP_CLIENTS", [4, 32])
+    monkeypatch.setattr(bench, "bench_ours", fake_run)
+    monkeypatch.setattr(bench, "ceiling", lambda n, accounts: next(ceilings))
+    ceilings = iter([5000.0, 3000.0, 4000.0])
     out, png = tmp_path / "b.json", tmp_path / "sweep.png"
-    assert bench.main(["--sweep", str(png), "--ceiling", "--duration", "1", "--accounts", "10",
-                       "--json", str(out)]) == 0
+    assert bench.main(["--sweep", str(png), "--ceiling", "--duration", "1", "--json", str(out)]) == 0
+    assert offered == [None, None, 1000.0, 1000.0, 1000.0]  # three open-loop runs at half the peak of 2000
     record = json.loads(out.read_text())
-    assert [r["clients"] for r in record["results"]] == [4, 32]
-    best = max(r["throughput"] for r in record["results"])
     half = record["half_peak"]
-    assert half["throughput"] == best / 2
-    runs = half["open_loop"]
-    assert len(runs) == bench.REPEATS == 3 and all(r["offered_rate"] == best / 2 for r in runs)
-    assert half["open_loop_p99_ms"] == sorted(r["p99_ms"] for r in runs)[1]
-    ceil = record["ceiling"]
-    assert len(ceil["runs"]) == 3 and ceil["transfers_per_s"] == sorted(ceil["runs"])[1] > 0
-    assert ceil["replicated_fraction"] == best / ceil["transfers_per_s"]
+    assert (half["throughput"], half["between_clients"]) == (1000.0, [4, 4])
+    assert (half["open_loop_p99_ms"], half["open_loop_p50_ms"]) == (20.0, 10.0)
+    assert [r["p99_ms"] for r in half["open_loop"]] == [30.0, 10.0, 20.0]
+    assert record["ceiling"] == {"transfers_per_s": 4000.0, "runs": [5000.0, 3000.0, 4000.0],
+                                 "replicated_fraction": 0.5}
     text = capsys.readouterr().out
-    assert f"p99 {half['open_loop_p99_ms']:.1f} ms (median; each: " in text
-    assert f"replicated best is {ceil['replicated_fraction']:.0%} of it" in text
+    assert "3 runs: p99 20.0 ms (median; each: 30.0, 10.0, 20.0 ms), p50 10.0 ms" in text
+    assert "3 runs: 4000 tx/s (median; each: 5000, 3000, 4000); replicated best is 50% of it" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

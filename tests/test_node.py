@@ -236,12 +236,14 @@ class Trio:
     ``order`` records, for the leader, its fsynced transactions and its replies, in order;
     ``replied`` every node's replies, as they went out."""
 
-    def __init__(self) -> None:
+    def __init__(self, storages: dict[int, Storage] | None = None, syncs_later: bool = False) -> None:
         self.queue: list[Any] = []
         self.order: list[str] = []
         self.replied: list[Any] = []
-        self.nodes = {i: LedgerNode(i, [0, 1, 2], Storage(":memory:", GENESIS), CONFIG, random.Random(i), Events(),
-                                    send_now=self.queue.extend, reply_now=self._reply)
+        storages = storages or {}
+        self.nodes = {i: LedgerNode(i, [0, 1, 2], storages.get(i) or Storage(":memory:", GENESIS), CONFIG,
+                                    random.Random(i), Events(), send_now=self.queue.extend, reply_now=self._reply,
+                                    leader_syncs_later=syncs_later)
                       for i in range(3)}
         storage = self.nodes[0].storage
         plain = storage.transaction
@@ -327,6 +329,56 @@ def test_the_id_index_is_written_after_the_answers_of_its_turn_are_out() -> None
     trio.deliver()
     assert trio.order == ["fsync 2", "reply r1", "index 1"]
     assert index.heights(["t1", "t2"]) == {"t1": 1, "t2": 1} and index._unwritten == {}
+
+
+class LaterSync(Storage):
+    """In-memory storage whose syncs (request_sync) complete when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__(":memory:", GENESIS)
+        self.tickets = 0
+        self.done = 0
+
+    def request_sync(self) -> int | None:
+        self.tickets += 1
+        return self.tickets
+
+    @property
+    def synced(self) -> int:
+        return self.done
+
+
+def test_a_leader_counts_its_own_copy_once_synced_and_a_majority_of_followers_commits_without_it() -> None:
+    storages = {i: LaterSync() for i in range(3)}
+    trio = Trio(storages, syncs_later=True)
+    s0, n0 = storages[0], trio.nodes[0]
+    # Elected, the leader's term and vote were fsynced; only its own log writes wait for a sync.
+    assert s0.tickets == 1 and s0.done == 0  # the new term's no-op, committed by the two followers
+    assert [storages[i].tickets for i in (1, 2)] == [0, 0]  # followers always fsync before they answer
+    submit(trio, "r1", "t1")
+    trio.flush(only=0)
+    assert s0.tickets == 2 and n0.raft.stable_index < n0.raft.log.last_index
+    for m in [m for m in trio.queue if m.dst == 1]:  # only follower 1 gets it (and acknowledges)
+        trio.nodes[1].on_raft(m)
+    trio.queue[:] = [m for m in trio.queue if m.dst != 1]
+    trio.flush(only=1)
+    for m in [m for m in trio.queue if m.dst == 0]:
+        n0.on_raft(m)
+    trio.queue[:] = [m for m in trio.queue if m.dst != 0]
+    trio.flush(only=0)
+    assert trio.replied == []  # one follower's copy and an unsynced own copy: no majority yet
+    s0.done = 2
+    trio.flush(only=0)  # the sync is done: the leader's copy counts, the entry commits
+    assert [(r.req_id, r.results[0][1]) for _, r in trio.replied] == [("r1", "committed")]
+    submit(trio, "r2", "t2")
+    trio.flush(only=0)
+    trio.deliver()  # both followers acknowledge: committed while the leader's own sync is pending
+    assert s0.done < s0.tickets and n0.raft.stable_index < n0.raft.commit_index
+    assert [(r.req_id, r.results[0][1]) for _, r in trio.replied] == [("r1", "committed"), ("r2", "committed")]
+    n0.tick(0.0)  # a heartbeat carries the commit to the followers
+    trio.deliver()
+    assert n0.state.head.hash == trio.nodes[1].state.head.hash == trio.nodes[2].state.head.hash
+    assert n0.state.head.height == 2
 
 
 def test_a_stalled_leader_applies_the_entries_that_replaced_its_own_not_its_own_rows() -> None:

@@ -558,3 +558,27 @@ def test_checkpoints_run_off_the_loop_and_stop_with_the_storage(db_path) -> None
         assert [e.index for e in s2.load().entries] == list(range(1, 101))
     finally:
         s2.close()
+
+
+def test_a_sync_on_the_storage_thread_signals_and_reaches_its_ticket(db_path) -> None:
+    """A leader's log writes commit without a sync; request_sync() fdatasyncs the write-ahead log
+    on a thread, and its signal descriptor turns readable when the ticket is reached."""
+    import select
+
+    s = Storage(db_path, GENESIS)
+    thread = s._syncer._thread
+    try:
+        assert s.synced == 0 and s.sync_signal is not None
+        with s.transaction(durable=False):
+            s.save_entries(1, [Entry(index=1, term=1, kind=EntryKind.TXS, data=b"z" * 5000)])
+        first = s.request_sync()
+        second = s.request_sync()
+        assert (first, second) == (1, 2)
+        wait_until(lambda: s.synced == 2, 10, "both tickets synced")
+        assert select.select([s.sync_signal], [], [], 0)[0] == [s.sync_signal]
+        s.clear_sync_signal()
+        assert select.select([s.sync_signal], [], [], 0)[0] == []
+    finally:
+        s.close()
+    assert not thread.is_alive()
+    assert Storage(":memory:", GENESIS).request_sync() is None  # nothing to sync in memory

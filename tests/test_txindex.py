@@ -77,7 +77,7 @@ def apply_all(s: Storage, entries: list[Entry]) -> LedgerState:
         s.save_entries(1, entries)
         for e in entries:
             state.apply(e)
-            s.write_index_if_due()  # as a node does after each turn
+            s.write_index_if_due()  # as a node does after each turn (there after the transaction)
     return state
 
 
@@ -188,4 +188,19 @@ def test_a_simulated_crash_takes_the_unwritten_ids_and_the_chain_gives_them_back
     assert (s.index.height, s.index.heights(["t2-0", "t3-0"])) == (2, {"t2-0": 2})
     s.crashed()
     assert s.index.height == 3 and s.tx_result("t3-0") == first
+    s.close()
+
+
+def test_catching_up_from_the_chain_writes_the_index_as_it_goes() -> None:
+    """At start-up (or after a simulated crash) the ids are recorded again block by block and
+    written a few thousand at a time, not gathered for the whole chain in memory."""
+    s = Storage(":memory:", GENESIS)
+    apply_all(s, [entry(i, [(f"t{i}-{k}", "alice", "bob", 1) for k in range(50)]) for i in range(1, 7)])
+    index = s.index
+    assert isinstance(index, MemoryTxIndex) and index.write_every == 100
+    index._written.clear()  # as if every write had been lost
+    index._written_height = 0
+    s.crashed()  # records the 300 ids again from the chain
+    assert index.height == 6 and len(index._unwritten) < index.write_every
+    assert index.heights(["t1-0", "t6-49"]) == {"t1-0": 1, "t6-49": 6}
     s.close()
