@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,27 @@ CRASH_PS = (0.0, 0.0002, 0.001, 0.001)
 
 class Violation(Exception):
     pass
+
+
+class _LaterSyncStorage(Storage):
+    """In-memory storage whose syncs (``request_sync``, a leader's own log writes) complete when
+    the simulation delivers them, a few ms later and in any order, as the log-sync thread's would;
+    a completed ticket covers every earlier one. A crash keeps what was written (kill -9)."""
+
+    def __init__(self, requested: Callable[[int], None]) -> None:
+        super().__init__(":memory:", GENESIS)
+        self.tickets = 0
+        self.done = 0
+        self._requested = requested
+
+    def request_sync(self) -> int | None:
+        self.tickets += 1
+        self._requested(self.tickets)
+        return self.tickets
+
+    @property
+    def synced(self) -> int:
+        return self.done
 
 
 class _Killed(Exception):
@@ -156,9 +177,14 @@ class Simulation:
         # run commits a few dozen transfers, so that crashes fall between writes; apart from the
         # main stream too.
         writes = random.Random(f"index-{seed}")
+        # Half the seeds run leaders that sync their own log later (LedgerNode.leader_syncs_later,
+        # as the server does), with syncs that take 0-8 ms; apart from the main stream too.
+        syncs = random.Random(f"sync-{seed}")
+        self.leader_syncs_later = syncs.random() < 0.5
         for i in self.ids:
-            sn = SimNode(i, Storage(":memory:", GENESIS), drift=self.rng.uniform(0.95, 1.05),
-                         offset_ms=self.rng.randint(-50, 50))
+            storage = _LaterSyncStorage(lambda ticket, i=i: self.at(syncs.randint(0, 8), "sync", (i, ticket))) \
+                if self.leader_syncs_later else Storage(":memory:", GENESIS)
+            sn = SimNode(i, storage, drift=self.rng.uniform(0.95, 1.05), offset_ms=self.rng.randint(-50, 50))
             assert isinstance(sn.storage.index, MemoryTxIndex)
             sn.storage.index.write_every = writes.randint(1, 20)
             self.nodes[i] = sn
@@ -204,7 +230,8 @@ class Simulation:
                                random.Random(self.rng.random()), _Recorder(self, sn.id),
                                send_now=lambda msgs, i=sn.id: self._send_now(i, msgs),
                                reply_now=lambda replies, i=sn.id: self._reply_now(i, replies),
-                               batch_interval_ms=self.batch_interval_ms)
+                               batch_interval_ms=self.batch_interval_ms,
+                               leader_syncs_later=self.leader_syncs_later)
         sn.commit_seen = sn.ledger.raft.commit_index
         self.at(self._tick_period(sn), "tick", (sn.id, sn.epoch))
 
@@ -367,6 +394,13 @@ class Simulation:
             c = self.clients[name]
             if timer == c.timer:
                 self._client_wake(c)
+        elif kind == "sync":
+            node_id, ticket = data
+            sn = self.nodes[node_id]
+            assert isinstance(sn.storage, _LaterSyncStorage)
+            sn.storage.done = max(sn.storage.done, ticket)
+            if sn.ledger is not None:
+                self._flush(sn, self._moment(sn))
         elif kind == "restart":
             self.restart(data)
         elif kind == "nemesis":
