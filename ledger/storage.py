@@ -3,7 +3,8 @@
 One database file per node in WAL mode. The driver wraps each Ready's hard state and new log
 entries in one fsynced transaction (``with storage.transaction():``, ``synchronous=FULL``), so
 they reach disk together, with one fsync (group commit), before any message that depends on
-them is sent. Applying committed entries is a transaction of its own that is not fsynced: the
+them is sent. A leader's own new entries, on which no message depends, are committed without
+the fsync and synced on a thread (``request_sync``, ``synced``). Applying committed entries is a transaction of its own that is not fsynced: the
 entries are durable already, and the write-ahead log keeps commits in order, so a power loss
 can only take the latest applied state, which is applied again from the log (the applied index
 moves atomically with it). SQLite's journal makes a torn write at a crash roll back to the last
