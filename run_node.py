@@ -53,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); refusing to start",
               file=sys.stderr)
         return 1
-    server.run()
+    try:
+        server.run()
+    except StorageError as exc:  # a failed fdatasync of the log: the node cannot promise durability
+        print(f"run_node.py: error: node {args.node_id}: {exc}; stopped (check the disk before restarting it: "
+              "what the failed sync covered may be missing from it)", file=sys.stderr)
+        return 1
     return 0
 
 

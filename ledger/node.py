@@ -255,6 +255,13 @@ class LedgerNode:
     # ---- Ready -----------------------------------------------------------------------------------
 
     def _handle_ready(self, rd: Ready) -> None:
+        if self.unsynced and not self.raft.is_leader:
+            # No longer leading: whatever it says from now on may vouch for any entry in its log
+            # (an acknowledgement, a vote), so its own unsynced writes become durable first.
+            self.storage.wait_synced(self.unsynced[-1][0])
+            for _, done in self.unsynced:
+                self.raft.persisted(done)
+            self.unsynced.clear()
         self._send(rd.early_messages)  # a leader's appends depend on nothing unsynced
         committed = rd.committed
         if committed and self.raft.is_leader and committed[-1].index <= self.raft.stable_index:

@@ -35,7 +35,7 @@ from ledger.messages import (
 )
 from ledger.node import LedgerNode
 from ledger.raft import RaftConfig
-from ledger.storage import Storage
+from ledger.storage import Storage, StorageError
 from ledger.transport import ZeroMQServer, peer_identity
 
 BAD_LINES_PER_S = 20  # bad_message_dropped lines a second at most (see Server._warn_bad)
@@ -138,6 +138,9 @@ class Server:
                 out = self.node.flush(int(time.time() * 1000))  # the leader stamps block time here
                 self._send_peers(out.peers)
                 self._send_replies(out.clients)  # type: ignore[arg-type]
+        except StorageError as exc:
+            self.log.error("storage_failed", error=one_line(str(exc)))
+            raise
         finally:
             self.close()
 

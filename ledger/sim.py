@@ -80,6 +80,9 @@ class _LaterSyncStorage(Storage):
     def synced(self) -> int:
         return self.done
 
+    def wait_synced(self, ticket: int) -> None:
+        self.done = max(self.done, ticket)
+
 
 class _Killed(Exception):
     """A node was killed in the middle of handling its Ready (between sending and its fsync)."""

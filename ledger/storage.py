@@ -86,18 +86,19 @@ class Storage:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute(f"PRAGMA journal_size_limit={_WAL_FILE_LIMIT}")
             self.db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open {path}: {exc}") from None
+        if path != ":memory:" and mode != "wal":  # the log-sync thread syncs the -wal file
+            self.db.close()
+            raise StorageError(f"cannot open {path}: SQLite could not use a write-ahead log here (journal mode {mode})")
         self._checkpointer: _Checkpointer | None = None
         self._syncer: _Syncer | None = None
         if path != ":memory:":
             self.db.execute(f"PRAGMA wal_autocheckpoint={_LOOP_CHECKPOINT_PAGES}")
-            self._checkpointer = _Checkpointer(str(path))
-            self._syncer = _Syncer(f"{path}-wal")
         self._in_tx = False
         self._durable = True
         gen = genesis_block(genesis)
@@ -123,6 +124,9 @@ class Storage:
             raise StorageError(f"{path} has storage format {schema!r}; this version reads format {SCHEMA_VERSION}")
         self.head_height = self.head().height
         self.index = self._open_index(path)
+        if path != ":memory:":  # threads last: a store that fails to open leaves none behind
+            self._checkpointer = _Checkpointer(str(path))
+            self._syncer = _Syncer(f"{path}-wal")
 
     def _open_index(self, path: Path | str) -> TxIndex:
         """The id index, caught up with the chain (after a power loss, or if it was removed)."""
@@ -211,6 +215,13 @@ class Storage:
         if self._syncer.error is not None:  # the log cannot be made durable: nothing may go on
             raise StorageError(f"syncing the write-ahead log failed: {self._syncer.error}")
         return self._syncer.synced
+
+    def wait_synced(self, ticket: int) -> None:
+        """Block until ``ticket`` is synced (a node that stops leading does, before it answers
+        anyone: every entry in its log is then durable, as a follower's must be)."""
+        if self._syncer is not None:
+            self._syncer.wait(ticket)
+            self.synced  # noqa: B018 - raises if the sync failed
 
     @property
     def sync_signal(self) -> int | None:
@@ -383,9 +394,10 @@ class _Syncer:
     """
 
     def __init__(self, wal_path: str) -> None:
-        self._fd = os.open(wal_path, os.O_RDONLY | os.O_CREAT, 0o644)
+        self._fd = os.open(wal_path, os.O_RDONLY)  # SQLite made it (and synced its directory)
         self._signal_r, self._signal_w = os.pipe()
         os.set_blocking(self._signal_r, False)
+        os.set_blocking(self._signal_w, False)  # a full pipe already says "look"
         self._cond = threading.Condition()
         self._requested = 0
         self.synced = 0
@@ -422,12 +434,26 @@ class _Syncer:
             try:
                 os.fdatasync(self._fd)
             except OSError as exc:
-                self.error = exc
-                os.write(self._signal_w, b"s")
+                with self._cond:
+                    self.error = exc
+                    self._cond.notify_all()
+                self._signal()
                 return
             with self._cond:
                 self.synced = target
+                self._cond.notify_all()
+            self._signal()
+
+    def _signal(self) -> None:
+        try:
             os.write(self._signal_w, b"s")
+        except BlockingIOError:
+            pass
+
+    def wait(self, ticket: int) -> None:
+        with self._cond:
+            while self.synced < ticket and self.error is None:
+                self._cond.wait()
 
     def stop(self) -> None:
         with self._cond:

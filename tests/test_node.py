@@ -338,6 +338,7 @@ class LaterSync(Storage):
         super().__init__(":memory:", GENESIS)
         self.tickets = 0
         self.done = 0
+        self.waited: list[int] = []
 
     def request_sync(self) -> int | None:
         self.tickets += 1
@@ -346,6 +347,10 @@ class LaterSync(Storage):
     @property
     def synced(self) -> int:
         return self.done
+
+    def wait_synced(self, ticket: int) -> None:
+        self.waited.append(ticket)
+        self.done = max(self.done, ticket)
 
 
 def test_a_leader_counts_its_own_copy_once_synced_and_a_majority_of_followers_commits_without_it() -> None:
@@ -379,6 +384,27 @@ def test_a_leader_counts_its_own_copy_once_synced_and_a_majority_of_followers_co
     trio.deliver()
     assert n0.state.head.hash == trio.nodes[1].state.head.hash == trio.nodes[2].state.head.hash
     assert n0.state.head.height == 2
+
+
+def test_a_leader_that_steps_down_syncs_its_own_writes_before_it_says_anything() -> None:
+    """As a follower it may acknowledge or vote on the strength of any entry in its log: the
+    entries it wrote as leader and had not yet synced are made durable first."""
+    storages = {i: LaterSync() for i in range(3)}
+    trio = Trio(storages, syncs_later=True)
+    s0, n0 = storages[0], trio.nodes[0]
+    submit(trio, "r1", "t1")
+    trio.flush(only=0)
+    trio.queue.clear()  # its append reaches nobody; its own sync is pending
+    assert s0.tickets == 2 and s0.done == 0 and n0.unsynced
+    last = n0.raft.log.last_index
+    # A leader of a later term: its heartbeat matches the entry before t1's, so node 0 answers
+    # "I hold up to there", and steps down first.
+    n0.on_raft(AppendEntriesMessage(term=n0.raft.term + 1, src=1, dst=0, prev_log_index=last - 1,
+                                    prev_log_term=n0.raft.log.term_at(last - 1), leader_commit=0))
+    trio.flush(only=0)
+    assert not n0.raft.is_leader and s0.waited == [2] and s0.done == 2 and n0.unsynced == []
+    (ack,) = trio.queue
+    assert ack.type == "append_entries_response" and n0.raft.stable_index == last
 
 
 def test_a_stalled_leader_applies_the_entries_that_replaced_its_own_not_its_own_rows() -> None:

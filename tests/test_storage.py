@@ -560,25 +560,48 @@ def test_checkpoints_run_off_the_loop_and_stop_with_the_storage(db_path) -> None
         s2.close()
 
 
-def test_a_sync_on_the_storage_thread_signals_and_reaches_its_ticket(db_path) -> None:
+def test_a_sync_on_the_storage_thread_signals_and_reaches_its_ticket(db_path, monkeypatch) -> None:
     """A leader's log writes commit without a sync; request_sync() fdatasyncs the write-ahead log
-    on a thread, and its signal descriptor turns readable when the ticket is reached."""
+    on a thread: a ticket counts as synced only once a sync that began after it has ended, and
+    the signal descriptor turns readable then."""
+    import os
     import select
+    import threading
 
+    calls: list[str] = []
+    gates = [threading.Event(), threading.Event()]
+    real = os.fdatasync
+
+    def gated(fd: int) -> None:
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        gates[len(calls) - 1].wait(10)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", gated)
     s = Storage(db_path, GENESIS)
     thread = s._syncer._thread
     try:
         assert s.synced == 0 and s.sync_signal is not None
         with s.transaction(durable=False):
             s.save_entries(1, [Entry(index=1, term=1, kind=EntryKind.TXS, data=b"z" * 5000)])
-        first = s.request_sync()
-        second = s.request_sync()
-        assert (first, second) == (1, 2)
-        wait_until(lambda: s.synced == 2, 10, "both tickets synced")
+        assert s.request_sync() == 1
+        wait_until(lambda: len(calls) == 1, 10, "the first sync to begin")
+        assert calls[0] == str(db_path) + "-wal"
+        assert s.request_sync() == 2  # asked while the first sync runs: it does not cover this one
+        assert s.synced == 0 and select.select([s.sync_signal], [], [], 0)[0] == []
+        gates[0].set()
+        wait_until(lambda: s.synced == 1, 10, "the first ticket synced")
+        wait_until(lambda: len(calls) == 2, 10, "a second sync for the second ticket")
+        assert s.synced == 1
         assert select.select([s.sync_signal], [], [], 0)[0] == [s.sync_signal]
         s.clear_sync_signal()
         assert select.select([s.sync_signal], [], [], 0)[0] == []
+        gates[1].set()
+        s.wait_synced(2)
+        assert s.synced == 2
     finally:
+        for g in gates:
+            g.set()
         s.close()
     assert not thread.is_alive()
     assert Storage(":memory:", GENESIS).request_sync() is None  # nothing to sync in memory
