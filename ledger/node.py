@@ -191,9 +191,7 @@ class LedgerNode:
         # The id index's batched write (3-16 ms of wall time every few thousand ids, in a busy
         # cluster) comes after this turn's answers are out, not inside the apply their
         # transfers waited for.
-        if self.reply_now is not None and self.out.clients:
-            self.reply_now(self.out.clients)
-            self.out.clients = []
+        self._replies_out()
         self.storage.write_index_if_due()
         out, self.out = self.out, Outbox()
         return out
@@ -259,8 +257,8 @@ class LedgerNode:
             # No longer leading: whatever it says from now on may vouch for any entry in its log
             # (an acknowledgement, a vote), so its own unsynced writes become durable first.
             self.storage.wait_synced(self.unsynced[-1][0])
-            for _, done in self.unsynced:
-                self.raft.persisted(done)
+            for _, written in self.unsynced:
+                self.raft.persisted(written)
             self.unsynced.clear()
         self._send(rd.early_messages)  # a leader's appends depend on nothing unsynced
         committed = rd.committed
@@ -268,9 +266,7 @@ class LedgerNode:
             # Durable here already: a leader applies them and answers their clients first, so
             # they need not wait for the fsync of the entries it has just proposed.
             self._apply(committed)
-            if self.reply_now is not None:
-                self.reply_now(self.out.clients)
-                self.out.clients = []
+            self._replies_out()
             committed = []
         if rd.hard_state is None and rd.truncate_from is not None and self.leader_syncs_later \
                 and self.raft.is_leader:
@@ -316,6 +312,12 @@ class LedgerNode:
         if own is None or not self.raft.is_leader or own[0] is not entry.data:
             return None
         return own[1]
+
+    def _replies_out(self) -> None:
+        """Send the replies gathered so far through ``reply_now``, if the driver gave one."""
+        if self.reply_now is not None and self.out.clients:
+            self.reply_now(self.out.clients)
+            self.out.clients = []
 
     def _send(self, msgs: list[RaftMessage]) -> None:
         if self.send_now is not None:

@@ -60,13 +60,13 @@ class Violation(Exception):
     pass
 
 
-class _LaterSyncStorage(Storage):
+class LaterSyncStorage(Storage):
     """In-memory storage whose syncs (``request_sync``, a leader's own log writes) complete when
     the simulation delivers them, a few ms later and in any order, as the log-sync thread's would;
     a completed ticket covers every earlier one. A crash keeps what was written (kill -9)."""
 
-    def __init__(self, requested: Callable[[int], None]) -> None:
-        super().__init__(":memory:", GENESIS)
+    def __init__(self, requested: Callable[[int], None], genesis: dict[str, int] = GENESIS) -> None:
+        super().__init__(":memory:", genesis)
         self.tickets = 0
         self.done = 0
         self._requested = requested
@@ -80,8 +80,12 @@ class _LaterSyncStorage(Storage):
     def synced(self) -> int:
         return self.done
 
-    def wait_synced(self, ticket: int) -> None:
+    def complete(self, ticket: int) -> None:
+        """The sync of ``ticket`` is done (and so every earlier one)."""
         self.done = max(self.done, ticket)
+
+    def wait_synced(self, ticket: int) -> None:
+        self.complete(ticket)
 
 
 class _Killed(Exception):
@@ -185,7 +189,7 @@ class Simulation:
         syncs = random.Random(f"sync-{seed}")
         self.leader_syncs_later = syncs.random() < 0.5
         for i in self.ids:
-            storage = _LaterSyncStorage(lambda ticket, i=i: self.at(syncs.randint(0, 8), "sync", (i, ticket))) \
+            storage = LaterSyncStorage(lambda ticket, i=i: self.at(syncs.randint(0, 8), "sync", (i, ticket))) \
                 if self.leader_syncs_later else Storage(":memory:", GENESIS)
             sn = SimNode(i, storage, drift=self.rng.uniform(0.95, 1.05), offset_ms=self.rng.randint(-50, 50))
             assert isinstance(sn.storage.index, MemoryTxIndex)
@@ -400,8 +404,8 @@ class Simulation:
         elif kind == "sync":
             node_id, ticket = data
             sn = self.nodes[node_id]
-            assert isinstance(sn.storage, _LaterSyncStorage)
-            sn.storage.done = max(sn.storage.done, ticket)
+            assert isinstance(sn.storage, LaterSyncStorage)
+            sn.storage.complete(ticket)
             if sn.ledger is not None:
                 self._flush(sn, self._moment(sn))
         elif kind == "restart":

@@ -4,7 +4,8 @@ One database file per node in WAL mode. The driver wraps each Ready's hard state
 entries in one fsynced transaction (``with storage.transaction():``, ``synchronous=FULL``), so
 they reach disk together, with one fsync (group commit), before any message that depends on
 them is sent. A leader's own new entries, on which no message depends, are committed without
-the fsync and synced on a thread (``request_sync``, ``synced``). Applying committed entries is a transaction of its own that is not fsynced: the
+the fsync and synced on a thread (``request_sync``, ``synced``). Applying committed entries is
+a transaction of its own that is not fsynced: the
 entries are durable already, and the write-ahead log keeps commits in order, so a power loss
 can only take the latest applied state, which is applied again from the log (the applied index
 moves atomically with it). SQLite's journal makes a torn write at a crash roll back to the last
@@ -212,8 +213,7 @@ class Storage:
         """The last ``request_sync`` ticket whose sync has completed."""
         if self._syncer is None:
             return 0
-        if self._syncer.error is not None:  # the log cannot be made durable: nothing may go on
-            raise StorageError(f"syncing the write-ahead log failed: {self._syncer.error}")
+        self._raise_if_sync_failed()
         return self._syncer.synced
 
     def wait_synced(self, ticket: int) -> None:
@@ -221,7 +221,12 @@ class Storage:
         anyone: every entry in its log is then durable, as a follower's must be)."""
         if self._syncer is not None:
             self._syncer.wait(ticket)
-            self.synced  # noqa: B018 - raises if the sync failed
+            self._raise_if_sync_failed()
+
+    def _raise_if_sync_failed(self) -> None:
+        assert self._syncer is not None
+        if self._syncer.error is not None:  # the log cannot be made durable: nothing may go on
+            raise StorageError(f"syncing the write-ahead log failed: {self._syncer.error}")
 
     @property
     def sync_signal(self) -> int | None:

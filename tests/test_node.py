@@ -23,6 +23,7 @@ from ledger.messages import (
 )
 from ledger.node import LedgerNode
 from ledger.raft import RaftConfig
+from ledger.sim import LaterSyncStorage
 from ledger.storage import Storage
 from ledger.txindex import MemoryTxIndex
 
@@ -331,26 +332,17 @@ def test_the_id_index_is_written_after_the_answers_of_its_turn_are_out() -> None
     assert index.heights(["t1", "t2"]) == {"t1": 1, "t2": 1} and index._unwritten == {}
 
 
-class LaterSync(Storage):
-    """In-memory storage whose syncs (request_sync) complete when the test says so."""
+class LaterSync(LaterSyncStorage):
+    """The simulator's storage whose syncs complete when told (here: by the test setting
+    ``done``), recording the tickets a node waited for."""
 
     def __init__(self) -> None:
-        super().__init__(":memory:", GENESIS)
-        self.tickets = 0
-        self.done = 0
+        super().__init__(lambda ticket: None, GENESIS)
         self.waited: list[int] = []
-
-    def request_sync(self) -> int | None:
-        self.tickets += 1
-        return self.tickets
-
-    @property
-    def synced(self) -> int:
-        return self.done
 
     def wait_synced(self, ticket: int) -> None:
         self.waited.append(ticket)
-        self.done = max(self.done, ticket)
+        super().wait_synced(ticket)
 
 
 def test_a_leader_counts_its_own_copy_once_synced_and_a_majority_of_followers_commits_without_it() -> None:
